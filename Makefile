@@ -1,0 +1,29 @@
+# rayhash — developer entry points. `make test` and `make demo` work on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+DATASET ?= synthetic
+DATA    ?=
+PYTEST_ARGS ?=
+
+.PHONY: install test demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: install
+	$(VENV)/bin/rayhash demo --dataset $(DATASET) $(if $(DATA),--data $(DATA),) --out runs/demo-$(DATASET)
+
+bench: install
+	$(PY) benchmarks/bench_metrics.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,77 @@
+"""The ``rayhash`` command line: one entry point, one sub-command per pipeline stage.
+
+Each stage package owns its sub-commands in ``rayhash/<stage>/cli.py`` through ``register(subparsers)``;
+those modules import nothing heavy at module level, so ``rayhash --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Order = order in --help. Each module defines register(subparsers) and sets a `func(args) -> int|None`.
+STAGE_CLIS = (
+    "rayhash.data.cli",      # data wordnet | convert | embed-captions
+    "rayhash.train.cli",     # train
+    "rayhash.encode.cli",    # encode
+    "rayhash.index.cli",     # index build | query
+    "rayhash.eval.cli",      # eval
+    "rayhash.submit.cli",    # submit | status | logs | stop
+    "rayhash.pipeline",      # demo / pipeline
+)
+
+DESCRIPTION = """\
+rayhash learns semantic binary hash codes for images (Arponen & Bishop 2020) and serves Hamming search
+over sharded FAISS binary indices, on Ray.
+
+pipeline:  data convert -> [data embed-captions] -> train -> encode -> index build -> query / eval
+quick start (local Ray, offline synthetic data):  rayhash demo --out runs/demo
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rayhash", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name in STAGE_CLIS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:  # a real missing dependency inside the module: surface it
+                raise
+            continue  # stage not built yet
+        module.register(sub)
+    return parser
+
+
+def _version() -> str:
+    from rayhash import __version__
+
+    return f"rayhash {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        code = args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
+        # User errors: one clear line, no traceback (set RAYHASH_DEBUG=1 for it).
+        import os
+
+        if os.environ.get("RAYHASH_DEBUG"):
+            raise
+        print(f"rayhash {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Process-level runtime helpers: Ray connection, logging, progress bars, device choice."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Iterable, TypeVar
+
+T = TypeVar("T")
+
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def get_logger(name: str) -> logging.Logger:
+    """A logger under the ``rayhash`` namespace, configured once to log INFO to stderr."""
+    root = logging.getLogger("rayhash")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(_LOG_FORMAT, "%H:%M:%S"))
+        root.addHandler(handler)
+        root.setLevel(os.environ.get("RAYHASH_LOG_LEVEL", "INFO"))
+        root.propagate = False
+    return logging.getLogger(name if name.startswith("rayhash") else f"rayhash.{name}")
+
+
+def init_ray(address: str | None = None, **kwargs) -> None:
+    """Connect to Ray once: ``address`` / ``$RAY_ADDRESS`` when given (a cluster), else a local instance.
+
+    Inside a Ray job (``ray job submit``) this attaches to the job's cluster automatically.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    log = get_logger("runtime")
+    if address:
+        log.info("connecting to Ray cluster at %s", address)
+        ray.init(address=address, **kwargs)
+    else:
+        kwargs.setdefault("include_dashboard", False)
+        log.info("starting a local Ray instance (pass --address to use a cluster)")
+        ray.init(**kwargs)
+    _quiet_ray_data()
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data's per-operator progress bars are noise for our own bars; keep the global one."""
+    try:
+        from ray.data import DataContext
+
+        ctx = DataContext.get_current()
+        ctx.enable_operator_progress_bars = False
+    except Exception:  # older Ray: nothing to quiet
+        pass
+
+
+def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", unit: str = "it") -> Iterable[T]:
+    """A tqdm progress bar on stderr (disabled when ``RAYHASH_PROGRESS=0``)."""
+    from tqdm.auto import tqdm
+
+    disable = os.environ.get("RAYHASH_PROGRESS", "1") == "0"
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True)
+
+
+def torch_device() -> "torch.device":  # noqa: F821
+    """CUDA when available, else CPU: the single place the code path decides."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cluster_has_gpus() -> bool:
+    """True when the connected Ray cluster advertises GPUs."""
+    import ray
+
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0

@@ -1,0 +1,54 @@
+"""Shared test fixtures: one real local Ray per test session, paths to the offline data in ../shared/data.
+
+Stage-specific fixtures live in ``tests/fixtures_<stage>.py`` and are imported below.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("RAYHASH_SHARED_DATA", ROOT.parent / "shared" / "data")).resolve()
+sys.path.insert(0, str(Path(__file__).parent))
+
+os.environ.setdefault("RAYHASH_PROGRESS", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+if (SHARED_DATA / "nltk_data").is_dir():
+    os.environ.setdefault("NLTK_DATA", str(SHARED_DATA / "nltk_data"))
+
+
+def shared(relpath: str) -> Path:
+    """Path inside ../shared/data, or skip the test with the reason when it is absent."""
+    p = SHARED_DATA / relpath
+    if not p.exists():
+        pytest.skip(f"offline data {p} not present (see ../shared/data/README.md)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"offline data folder {SHARED_DATA} not present")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray instance for the whole session (logical CPUs oversubscribed on 2-core machines so
+    Ray Train workers and Ray Data tasks can run side by side)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+                 object_store_memory=1 << 30, runtime_env={"env_vars": {"RAYHASH_PROGRESS": "0"}})
+    yield ray
+
+
+for _name in sorted(p.stem for p in Path(__file__).parent.glob("fixtures_*.py")):
+    exec(f"from {_name} import *")  # noqa: S102 - fixture modules owned by each stage
