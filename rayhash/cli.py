@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:
-            if e.name != name:  # a real missing dependency inside the module: surface it
+            if not (e.name and name.startswith(e.name)):  # a missing dependency, not a missing stage
                 raise
             continue  # stage not built yet
         module.register(sub)

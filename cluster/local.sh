@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# A real multi-node Ray cluster on one machine, on loopback: one head + N worker nodes (separate raylets,
+# object stores and port ranges), for trying `rayhash submit` and multi-node Ray Train/Data without a cloud.
+#
+#   cluster/local.sh up [N_WORKERS]     start the head and N worker nodes (default 1), print the addresses
+#   cluster/local.sh down               stop exactly the nodes this script started (never `ray stop`)
+#   cluster/local.sh status             show whether they run, and `ray status`
+#
+# Settings (environment):
+#   RAYHASH_LOCAL_PORT=26380        base port: GCS = base, dashboard/Jobs API = base+1, node ports above it
+#   RAYHASH_LOCAL_DIR=/tmp/rayhash-local-<port>   Ray temp dir + this script's state (pids, logs, token)
+#   RAYHASH_LOCAL_CPUS=2            logical CPUs per worker node (oversubscribing a small machine is fine)
+#   RAYHASH_LOCAL_HEAD_CPUS=<CPUS>  logical CPUs on the head (0 = head only schedules drivers, like a cloud head)
+#   RAYHASH_LOCAL_OBJECT_STORE=512000000   object store bytes per node
+#   RAYHASH_LOCAL_TOKEN=<secret>    turn on Ray token authentication (RAY_AUTH_MODE=token) with this token;
+#                                   clients then need it: `rayhash submit --token-file <dir>/auth_token ...`
+#   RAYHASH_RAY=<path to ray>       default: .venv/bin/ray of this checkout, else `ray` on PATH
+# The nodes run with this checkout's Python first on PATH, so Ray jobs' `python jobs/<stage>.py` has rayhash's deps.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+RAY="${RAYHASH_RAY:-$ROOT/.venv/bin/ray}"
+[[ -x "$RAY" ]] || RAY="$(command -v ray || true)"
+PORT="${RAYHASH_LOCAL_PORT:-26380}"
+DIR="${RAYHASH_LOCAL_DIR:-/tmp/rayhash-local-$PORT}"
+CPUS="${RAYHASH_LOCAL_CPUS:-2}"
+HEAD_CPUS="${RAYHASH_LOCAL_HEAD_CPUS:-$CPUS}"
+OBJECT_STORE="${RAYHASH_LOCAL_OBJECT_STORE:-512000000}"
+DASHBOARD_PORT=$((PORT + 1))
+WAIT_S="${RAYHASH_LOCAL_WAIT_S:-180}"
+
+die() { echo "local.sh: error: $*" >&2; exit 1; }
+
+node_env() {
+  # The environment every node (and so every job driver and worker) starts with.
+  export PATH="$(dirname "$RAY"):$PATH"
+  unset RAY_ADDRESS RAY_AUTH_TOKEN
+  if [[ -s "$DIR/auth_token" ]]; then
+    export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$DIR/auth_token"
+  else
+    # Explicit: Ray >= 2.5x turns token auth on by itself when it finds ~/.ray/auth_token.
+    export RAY_AUTH_MODE=disabled
+    unset RAY_AUTH_TOKEN_PATH
+  fi
+  export RAY_USAGE_STATS_ENABLED=0
+}
+
+start_node() {  # start_node INDEX ARGS... : one `ray start --block` in its own session (process group)
+  local i="$1"; shift
+  local base=$((PORT + 10 + 10 * i)) wmin=$((PORT + 100 + 100 * i))
+  setsid "$RAY" start --block \
+    --node-manager-port "$base" --object-manager-port $((base + 1)) \
+    --dashboard-agent-listen-port $((base + 2)) --dashboard-agent-grpc-port $((base + 3)) \
+    --runtime-env-agent-port $((base + 4)) --metrics-export-port $((base + 5)) \
+    --min-worker-port "$wmin" --max-worker-port $((wmin + 99)) \
+    --object-store-memory "$OBJECT_STORE" --disable-usage-stats "$@" \
+    >"$DIR/node-$i.log" 2>&1 </dev/null &
+  echo $! >"$DIR/node-$i.pid"
+}
+
+alive_pids() {
+  local f
+  for f in "$DIR"/node-*.pid; do
+    [[ -e "$f" ]] || continue
+    local pid; pid="$(cat "$f")"
+    kill -0 "$pid" 2>/dev/null && echo "$pid"
+  done
+  return 0
+}
+
+api() {  # api PATH : GET on the dashboard HTTP API (with the token when auth is on)
+  local hdr=()
+  [[ -s "$DIR/auth_token" ]] && hdr=(-H "Authorization: Bearer $(cat "$DIR/auth_token")")
+  curl -sf --max-time 5 "${hdr[@]}" "http://127.0.0.1:$DASHBOARD_PORT$1"
+}
+
+alive_nodes() {  # number of ALIVE nodes according to the head
+  api "/api/v0/nodes?limit=1000" 2>/dev/null | "$(dirname "$RAY")/python" -c \
+    'import json,sys; d=json.load(sys.stdin)["data"]["result"]["result"]; print(sum(n["state"]=="ALIVE" for n in d))' \
+    2>/dev/null || echo 0
+}
+
+nodes_at_least() { (($(alive_nodes) >= $1)); }
+
+wait_for() {  # wait_for DESCRIPTION COMMAND... : poll until COMMAND succeeds
+  local what="$1"; shift
+  local t=0
+  until "$@"; do
+    ((t += 1))
+    if ((t > WAIT_S)) || [[ -z "$(alive_pids)" ]]; then
+      tail -n 30 "$DIR"/node-*.log >&2 || true
+      do_down >/dev/null 2>&1 || true
+      die "$what did not come up within ${WAIT_S}s (logs above, in $DIR)"
+    fi
+    sleep 1
+  done
+}
+
+do_up() {
+  local n="${1:-1}"
+  [[ "$n" =~ ^[0-9]+$ ]] || die "N_WORKERS must be a number, got '$n'"
+  ((n <= 8)) || die "at most 8 worker nodes (port layout), got $n"
+  [[ -x "$RAY" ]] || die "no 'ray' executable: create .venv (make install) or set RAYHASH_RAY"
+  [[ -n "$(alive_pids)" ]] && die "a cluster from this script already runs in $DIR; run '$0 down' first"
+  (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && die "port $PORT is in use; set RAYHASH_LOCAL_PORT"
+  mkdir -p "$DIR"
+  rm -f "$DIR"/node-*.pid "$DIR/auth_token"
+  if [[ -n "${RAYHASH_LOCAL_TOKEN:-}" ]]; then
+    (umask 077 && printf '%s' "$RAYHASH_LOCAL_TOKEN" >"$DIR/auth_token")
+  fi
+  node_env
+  start_node 0 --head --port "$PORT" --temp-dir "$DIR/ray" --num-cpus "$HEAD_CPUS" --num-gpus 0 \
+    --include-dashboard true --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" \
+    --ray-client-server-port $((PORT + 2))
+  wait_for "the head node" api /api/version >/dev/null
+  local i
+  for ((i = 1; i <= n; i++)); do
+    start_node "$i" --address "127.0.0.1:$PORT" --num-cpus "$CPUS" --num-gpus 0
+  done
+  wait_for "$((n + 1)) nodes" nodes_at_least $((n + 1))
+  echo "local Ray cluster up: head + $n worker node(s) on 127.0.0.1"
+  echo "  Jobs API / dashboard: http://127.0.0.1:$DASHBOARD_PORT"
+  echo "  Ray address (drivers): 127.0.0.1:$PORT"
+  [[ -s "$DIR/auth_token" ]] && echo "  token auth ON; token file: $DIR/auth_token"
+  echo "  submit: rayhash submit --address http://127.0.0.1:$DASHBOARD_PORT$([[ -s "$DIR/auth_token" ]] && echo " --token-file $DIR/auth_token") <stage> ..."
+  echo "  stop:   $0 down"
+}
+
+do_down() {
+  local pids; pids="$(alive_pids)"
+  local pid
+  for pid in $pids; do kill -TERM -- "-$pid" 2>/dev/null || true; done
+  local t=0
+  while [[ -n "$(alive_pids)" ]] && ((t < 30)); do sleep 1; ((t += 1)); done
+  for pid in $pids; do kill -KILL -- "-$pid" 2>/dev/null || true; done
+  # Stragglers that left the process groups (Ray workers): only processes naming this cluster's temp dir.
+  if [[ -d "$DIR/ray" ]]; then
+    pkill -TERM -f -- "$DIR/ray/" 2>/dev/null || true
+    sleep 1
+    pkill -KILL -f -- "$DIR/ray/" 2>/dev/null || true
+  fi
+  rm -f "$DIR"/node-*.pid "$DIR/auth_token"
+  echo "local Ray cluster in $DIR stopped"
+}
+
+do_status() {
+  local pids; pids="$(alive_pids)"
+  if [[ -z "$pids" ]]; then echo "no local cluster running from $DIR"; return 1; fi
+  echo "local cluster in $DIR: $(echo "$pids" | wc -l) node process(es), $(alive_nodes) node(s) alive"
+  echo "  Jobs API / dashboard: http://127.0.0.1:$DASHBOARD_PORT"
+}
+
+case "${1:-}" in
+  up) do_up "${2:-${RAYHASH_LOCAL_WORKERS:-1}}" ;;
+  down) do_down ;;
+  status) do_status ;;
+  *) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac

@@ -1,0 +1,173 @@
+"""Run configuration: YAML files + ``key=value`` overrides (OmegaConf), validated by pydantic v2 models.
+
+``load_config("configs/cifar100.yaml", ["model.bits=32", "train.epochs=5"])`` returns a :class:`RunConfig`;
+unknown keys, out-of-range values and wrong types fail fast with the key path and the fix.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from typing import Any, Literal, Mapping, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+BACKBONES = ("resnet18", "resnet34", "resnet50", "cifar_resnet", "tiny_cnn")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the WebDataset shards are and how samples become training targets."""
+
+    path: str | None = None  # dataset folder DS (with dataset.json); `rayhash train --data DS` sets it
+    train_split: str = "train"
+    val_split: str | None = "test"  # held-out split for validation mAHP; null = no validation
+    image_size: int = Field(32, ge=8, le=1024)
+    targets: Literal["hierarchy", "captions", "none"] = "hierarchy"
+    caption_embeddings: str | None = None  # Parquet from `rayhash data embed-captions`; default DS/caption_embeddings.parquet
+    shuffle_buffer: int = Field(2048, ge=0)  # per-worker local shuffle buffer (rows); 0 = no shuffle
+
+
+class ModelConfig(_Section):
+    backbone: Literal["resnet18", "resnet34", "resnet50", "cifar_resnet", "tiny_cnn"] = "cifar_resnet"
+    bits: int = Field(64, ge=16, le=128)
+    pretrained: str | None = None  # local .pt/.pth state_dict for the torchvision backbone; never downloaded
+    width: int = Field(32, ge=4, le=512)  # channels of the first tiny_cnn block (tiny_cnn only)
+
+    @field_validator("bits")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError("bits must be a multiple of 8 (codes are packed into bytes); "
+                             f"use e.g. {max(16, v // 8 * 8)} or {v // 8 * 8 + 8}")
+        return v
+
+
+class LossConfig(_Section):
+    """L = CE + alpha·L_sim + beta·L_KL/d (CE where labels exist; see DESIGN.md)."""
+
+    alpha: float = Field(1.0, ge=0)  # weight of the relative similarity loss L_sim
+    beta: float = Field(1.0, ge=0)  # weight of the k-NN KL loss L_KL (divided by bits)
+    k: int = Field(3, ge=1)  # k of the k-NN KL estimator
+    uniformity: float = Field(0.1, ge=0, le=1)  # u: target = (1-u)·corners + u·uniform cube
+    similarity: Literal["relative", "softmax"] = "relative"  # form of L_sim
+    tau: float = Field(0.1, gt=0)  # temperature of the softmax form
+
+
+class TrainConfig(_Section):
+    num_workers: int = Field(1, ge=1)  # Ray Train workers (one GPU each when use_gpu)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(256, ge=2)  # GLOBAL batch; each worker gets batch_size / num_workers
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)  # cosine decays to lr·min_lr_ratio
+    use_gpu: bool | Literal["auto"] = "auto"  # auto = GPU when the Ray cluster has GPUs
+    cpus_per_worker: float = Field(1.0, gt=0)
+    mixed_precision: bool = True  # torch.autocast on GPU only
+    max_failures: int = Field(2, ge=-1)  # worker-group restarts from the last checkpoint (-1 = forever)
+    checkpoint_every: int = Field(1, ge=1)  # epochs between checkpoints (the last epoch always saves)
+    keep_checkpoints: int = Field(2, ge=1)
+    seed: int = 0
+    steps_per_epoch: int | None = Field(None, ge=1)  # optional cap on steps per epoch
+    storage_path: str | None = None  # Ray Train storage (local dir, s3://, gs://); default <out>/ray
+    tensorboard: bool = False  # also log to <out>/tensorboard when torch.utils.tensorboard is importable
+
+
+class ValidationConfig(_Section):
+    subset: int = Field(1000, ge=0)  # held-out images used as queries AND database (0 = no validation)
+    k: int = Field(250, ge=1)  # mAHP@k
+    every: int = Field(1, ge=1)  # epochs between validations (the last epoch always validates)
+
+
+class RunConfig(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+
+    def to_yaml(self) -> str:
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_yaml(OmegaConf.create(self.model_dump()))
+
+    def check_paths(self) -> None:
+        """Fail fast (before Ray starts) when a local input path named in the config is missing."""
+        from rayhash.storage import exists, join
+
+        if not self.data.path:
+            raise ValueError("data.path is not set: pass --data DS (a folder from `rayhash data convert`) "
+                             "or set data.path=DS")
+        info = join(self.data.path, "dataset.json")
+        if not exists(info):
+            raise FileNotFoundError(f"data.path: {info} not found; point data.path / --data at a dataset "
+                                    "folder written by `rayhash data convert`")
+        for key, path in (("model.pretrained", self.model.pretrained),
+                          ("data.caption_embeddings", self.data.caption_embeddings)):
+            if path and not exists(path):
+                raise FileNotFoundError(f"{key}: {path} not found; fix the path or set {key}=null")
+
+
+def load_config(path_or_dict: str | os.PathLike | Mapping[str, Any] | RunConfig | None = None,
+                overrides: Sequence[str] = ()) -> RunConfig:
+    """Load YAML (or a dict), merge ``key=value`` overrides (OmegaConf dotlist), validate into a RunConfig."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if path_or_dict is None:
+        base = OmegaConf.create({})
+    elif isinstance(path_or_dict, RunConfig):
+        base = OmegaConf.create(path_or_dict.model_dump())
+    elif isinstance(path_or_dict, Mapping):
+        base = OmegaConf.create(dict(path_or_dict))
+    else:
+        if not os.path.isfile(path_or_dict):
+            raise FileNotFoundError(f"config file {path_or_dict} not found (see configs/*.yaml for examples)")
+        try:
+            base = OmegaConf.load(path_or_dict)
+        except Exception as e:  # yaml errors
+            raise ValueError(f"{path_or_dict}: not valid YAML ({e})") from e
+    overrides = list(overrides)
+    for o in overrides:
+        if "=" not in o:
+            raise ValueError(f"override {o!r} is not key=value (e.g. model.bits=32)")
+    try:
+        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(overrides))
+        data = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ValueError(f"config: {e}") from e
+    try:
+        return RunConfig.model_validate(data or {})
+    except ValidationError as e:
+        raise ValueError(_explain(e, source=str(path_or_dict) if isinstance(path_or_dict, (str, os.PathLike))
+                                  else "config")) from None
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _explain(err: ValidationError, source: str) -> str:
+    """One message per problem: the dotted key, what is wrong, and how to fix it."""
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(e["loc"])
+            near = difflib.get_close_matches(str(e["loc"][-1]), allowed, n=1)
+            hint = f"did you mean '{near[0]}'? " if near else ""
+            lines.append(f"{key}: unknown key; {hint}allowed keys here: {', '.join(allowed)}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{key}: {msg} (got {e.get('input')!r})")
+    return f"{source}: invalid configuration: " + "; ".join(lines)

@@ -1,0 +1,94 @@
+"""``rayhash data wordnet | convert | embed-captions`` (nothing heavy imported at module level)."""
+from __future__ import annotations
+
+import argparse
+
+KINDS = ("cifar100", "imagefolder", "captions", "synthetic")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("data", help="prepare datasets: WordNet, shard conversion, caption embeddings",
+                              description="Prepare data: WebDataset shards + dataset.json, caption targets.")
+    sub = p.add_subparsers(dest="data_command", metavar="<data command>")
+    p.set_defaults(func=lambda args: p.print_help() or 2)
+
+    w = sub.add_parser("wordnet", help="make WordNet available to nltk (downloads it when missing)")
+    w.add_argument("--dir", default=None, help="nltk data folder (default: $NLTK_DATA or nltk's default)")
+    w.set_defaults(func=_wordnet)
+
+    c = sub.add_parser("convert", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       help="convert a dataset to WebDataset shards + dataset.json",
+                       description="Write DS/<split>/<split>-%06d.tar + DS/dataset.json, in parallel with Ray tasks; "
+                                   "re-running skips finished shards.\n\n"
+                                   "  cifar100 SRC     cifar-100-python.tar.gz or folder (--download when online)\n"
+                                   "  imagefolder SRC  root/train/<wnid>/*.JPEG, root/val (class folders or flat +\n"
+                                   "                   LOC_val_solution.csv / val_annotations.txt)\n"
+                                   "  captions SRC     image,caption CSV/TSV (+ images/), or img2dataset *.tar folder\n"
+                                   "  synthetic        generated 2-level hierarchy images (no SRC)")
+    c.add_argument("kind", choices=KINDS)
+    c.add_argument("src", nargs="?", default=None, help="source archive/folder/file (not for synthetic)")
+    c.add_argument("--out", required=True, help="output dataset folder DS (local path or s3://, gs:// URI)")
+    c.add_argument("--shard-size", type=int, default=None, help="samples per shard (default per kind)")
+    c.add_argument("--limit-per-class", type=int, default=None, help="keep N images per class (tests, demos)")
+    c.add_argument("--download", action="store_true", help="cifar100: download through torchvision if SRC is missing")
+    c.add_argument("--class-index", default=None, help="imagefolder: imagenet_class_index.json (order + names)")
+    c.add_argument("--val-labels", default=None, help="imagefolder: label file of a flat val folder")
+    c.add_argument("--images", default=None, help="captions: images folder (default: SRC/images)")
+    c.add_argument("--val-fraction", type=float, default=0.1, help="captions: fraction of images in split val")
+    c.add_argument("--per-class", type=int, nargs=2, default=(30, 10), metavar=("TRAIN", "TEST"),
+                   help="synthetic: images per class in train and test (default 30 10)")
+    c.add_argument("--image-size", type=int, default=32, help="synthetic: image size (default 32)")
+    c.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    c.set_defaults(func=_convert)
+
+    e = sub.add_parser("embed-captions", help="sentence-embed every image's captions into Parquet key -> embedding")
+    e.add_argument("ds", help="dataset folder DS (made by `rayhash data convert captions`)")
+    e.add_argument("--out", default=None, help="Parquet output (default DS/caption_embeddings.parquet)")
+    e.add_argument("--model", default=None, help="sentence-transformers model (default all-MiniLM-L6-v2, offline)")
+    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--concurrency", type=int, default=None, help="embedding actors (default: #GPUs, else 1)")
+    e.add_argument("--overwrite", action="store_true", help="redo an existing output")
+    e.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    e.set_defaults(func=_embed)
+
+
+def _wordnet(args) -> int:
+    from rayhash.semantics import install_wordnet
+
+    print(f"WordNet available in {install_wordnet(args.dir)}")
+    return 0
+
+
+def _convert(args) -> int:
+    from rayhash import data
+    from rayhash.runtime import init_ray
+
+    if args.kind != "synthetic" and not args.src:
+        raise ValueError(f"`rayhash data convert {args.kind}` needs SRC (the source archive or folder)")
+    init_ray(args.address)
+    size = {"shard_size": args.shard_size} if args.shard_size else {}
+    if args.kind == "cifar100":
+        doc = data.convert_cifar100(args.src, args.out, limit_per_class=args.limit_per_class,
+                                    download=args.download, **size)
+    elif args.kind == "imagefolder":
+        doc = data.convert_imagefolder(args.src, args.out, class_index=args.class_index, val_labels=args.val_labels,
+                                       limit_per_class=args.limit_per_class, **size)
+    elif args.kind == "captions":
+        doc = data.convert_captions(args.src, args.out, images=args.images, val_fraction=args.val_fraction, **size)
+    else:
+        doc = data.convert_synthetic(args.out, image_size=args.image_size,
+                                     per_class={"train": args.per_class[0], "test": args.per_class[1]}, **size)
+    for split, entry in doc["splits"].items():
+        print(f"{split}: {entry['count']} samples in {len(entry['shards'])} shards")
+    return 0
+
+
+def _embed(args) -> int:
+    from rayhash.data import embed_captions
+    from rayhash.runtime import init_ray
+
+    init_ray(args.address)
+    out = embed_captions(args.ds, args.out, model=args.model, batch_size=args.batch_size,
+                         concurrency=args.concurrency, overwrite=args.overwrite)
+    print(out)
+    return 0

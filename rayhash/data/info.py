@@ -1,0 +1,95 @@
+"""``dataset.json`` as a :class:`DatasetInfo`, and the class hierarchy / similarity targets built from it."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from rayhash import storage
+from rayhash.data.shards import DATASET_JSON
+
+RESOURCES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "resources")
+CIFAR100_HIERARCHY = os.path.join(RESOURCES, "cifar100.parent-child.txt")
+
+
+@dataclass
+class DatasetInfo:
+    """What a converted dataset holds. ``hierarchy``: ``"cifar100"`` (shipped Barz & Denzler file),
+    ``"wordnet"`` (built from ``wnids``), a parent-child file relative to the dataset folder, or None."""
+
+    name: str
+    kind: str  # "labels" | "captions"
+    label_names: list[str]
+    wnids: list[str] | None
+    hierarchy: str | None
+    splits: dict[str, dict]
+    root: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+    def shard_paths(self, split: str) -> list[str]:
+        """Full paths/URIs of a split's shards, in order."""
+        if split not in self.splits:
+            raise ValueError(f"{self.root}: no split {split!r} in {DATASET_JSON} (have: {sorted(self.splits)})")
+        return [storage.join(self.root, s["file"]) for s in self.splits[split]["shards"]]
+
+    def count(self, split: str) -> int:
+        return int(self.splits[split]["count"])
+
+    def class_hierarchy(self):
+        """The :class:`rayhash.semantics.ClassHierarchy` over this dataset's classes, or None when it has none."""
+        from rayhash.semantics import ClassHierarchy
+
+        if self.hierarchy is None:
+            return None
+        if self.hierarchy == "cifar100":
+            return ClassHierarchy.from_parent_child_file(CIFAR100_HIERARCHY)
+        if self.hierarchy == "wordnet":
+            if not self.wnids:
+                raise ValueError(f"{self.root}/{DATASET_JSON}: hierarchy 'wordnet' needs 'wnids'")
+            return ClassHierarchy.from_wordnet(self.wnids)
+        return ClassHierarchy.from_parent_child_file(storage.local_copy(storage.join(self.root, self.hierarchy)))
+
+    def hierarchy_leaves(self) -> list:
+        """Leaf ids in label order, as the hierarchy names them."""
+        if self.hierarchy == "cifar100":
+            return list(range(self.num_classes))
+        if self.hierarchy == "wordnet":
+            return list(self.wnids)
+        return list(self.label_names)
+
+    def similarity_matrix(self) -> np.ndarray:
+        """(C, C) float32 LCS-height similarity between classes; rows/cols = label indices."""
+        h = self.class_hierarchy()
+        if h is None:
+            raise ValueError(f"{self.root}: dataset {self.name!r} ({self.kind}) has no class hierarchy; "
+                             "caption datasets take their similarity from caption embeddings")
+        return np.asarray(h.similarity_matrix(self.hierarchy_leaves()), dtype=np.float32)
+
+
+def load_dataset_info(ds_dir: str | os.PathLike) -> DatasetInfo:
+    """Read ``DS/dataset.json``; ``ds_dir`` may also be a split folder (``DS/train``) or the json file itself."""
+    ds_dir = str(ds_dir).rstrip("/")
+    if ds_dir.endswith(".json"):
+        ds_dir = ds_dir.rsplit("/", 1)[0] if "/" in ds_dir else "."
+    path = storage.join(ds_dir, DATASET_JSON)
+    if not storage.exists(path):
+        parent = ds_dir.rsplit("/", 1)[0] if "/" in ds_dir else ""
+        if parent and storage.exists(storage.join(parent, DATASET_JSON)):
+            ds_dir, path = parent, storage.join(parent, DATASET_JSON)
+        else:
+            raise FileNotFoundError(f"{path}: no dataset description; create the dataset with "
+                                    "`rayhash data convert ... --out DS`")
+    doc = storage.read_json(path)
+    missing = [k for k in ("name", "kind", "splits") if k not in doc]
+    if missing:
+        raise ValueError(f"{path}: missing field(s) {missing}; re-run `rayhash data convert`")
+    known = {"name", "kind", "label_names", "wnids", "hierarchy", "splits", "format"}
+    return DatasetInfo(name=doc["name"], kind=doc["kind"], label_names=list(doc.get("label_names") or []),
+                       wnids=doc.get("wnids"), hierarchy=doc.get("hierarchy"), splits=doc["splits"],
+                       root=ds_dir, extra={k: v for k, v in doc.items() if k not in known})

@@ -1,0 +1,224 @@
+"""Ray Data batch inference: WebDataset shards -> packed binary codes in Parquet, one output shard per input tar.
+
+The pipeline is ``read_shards(mode="eval") -> map_batches(EncodeBatch actor pool)``, executed with
+``preserve_order`` so rows arrive in input order; the driver cuts the stream into input tars by their sample counts
+(from ``dataset.json``, else counted in the tar) minus the corrupt samples skipped in each, and writes
+``codes-%05d.parquet`` for input tar number ``%05d`` atomically as soon as it is complete. A re-run encodes only
+the tars whose output is missing.
+"""
+from __future__ import annotations
+
+import os
+import tarfile
+from datetime import datetime, timezone
+from typing import Any, Sequence
+
+import numpy as np
+
+from rayhash import storage
+from rayhash.index.codes import CODES_PATTERN, CODES_SUMMARY, write_codes
+from rayhash.runtime import get_logger
+
+log = get_logger("rayhash.encode")
+META_SOURCE, META_BITS, META_CHECKPOINT, META_SKIPPED = (b"rayhash.source", b"rayhash.bits", b"rayhash.checkpoint",
+                                                         b"rayhash.skipped")
+
+
+class EncodeBatch:
+    """Stateful Ray Data UDF: loads the checkpoint once per actor (GPU when the actor has one)."""
+
+    def __init__(self, checkpoint: str):
+        from rayhash.model import Encoder
+
+        self.encoder = Encoder(checkpoint)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        n = len(batch["key"])
+        codes = (self.encoder.encode_tensor(torch.from_numpy(np.ascontiguousarray(batch["image"])))[1] if n
+                 else np.zeros((0, self.encoder.bits // 8), np.uint8))
+        return {"key": batch["key"], "code": codes, "label": np.asarray(batch["label"], dtype=np.int32)}
+
+
+def _sample_count(url: str) -> int:
+    """Number of samples (distinct keys) in a WebDataset tar."""
+    local = storage.local_copy(url)
+    keys = set()
+    with tarfile.open(local) as tf:
+        for member in tf:
+            if member.isfile():
+                base = os.path.basename(member.name)
+                keys.add(os.path.join(os.path.dirname(member.name), base.split(".", 1)[0]))
+    if local != os.path.abspath(url):
+        os.remove(local)
+    return len(keys)
+
+
+def _expected_counts(data: str | Sequence[str], urls: list[str]) -> list[int]:
+    """Samples per input tar: from ``dataset.json`` when it lists the tar, else counted in the tar itself."""
+    counts: dict[str, int] = {}
+    if isinstance(data, (str, os.PathLike)):
+        from rayhash.data import load_dataset_info
+
+        try:
+            info = load_dataset_info(str(data))
+            counts = {storage.join(info.root, s["file"]): int(s["count"])
+                      for split in info.splits.values() for s in split["shards"] if "count" in s}
+        except (FileNotFoundError, ValueError):
+            pass
+    return [counts[u] if u in counts else _sample_count(u) for u in urls]
+
+
+def _existing_meta(path: str) -> dict[bytes, bytes]:
+    import pyarrow.parquet as pq
+
+    fs, p = storage.resolve(path)
+    with fs.open_input_file(p) as f:
+        return pq.ParquetFile(f).schema_arrow.metadata or {}
+
+
+def _check_existing(path: str, source: str, bits: int, checkpoint: str) -> int:
+    """Validate an output written by an earlier run; return its skipped-corrupt count."""
+    meta = _existing_meta(path)
+    theirs = (meta.get(META_SOURCE, b"").decode(), meta.get(META_CHECKPOINT, b"").decode())
+    if theirs != (os.path.basename(source), checkpoint) or int(meta.get(META_BITS, 0)) != bits:
+        raise ValueError(f"{path}: encoded from {theirs[0] or '?'} with checkpoint {theirs[1] or '?'}, not from "
+                         f"{os.path.basename(source)} with {checkpoint}; use an empty --out for a new encoding")
+    return int(meta.get(META_SKIPPED, b"0"))
+
+
+def _remove_stale_temps(out: str) -> None:
+    """Temporary files left by a killed run (local output only; object stores never show partial objects)."""
+    if not storage.is_remote(out) and os.path.isdir(out):
+        for name in os.listdir(out):
+            if name.startswith(".codes-") and name.endswith(".tmp"):
+                os.remove(os.path.join(out, name))
+
+
+def _abs(uri: str) -> str:
+    return uri if storage.is_remote(uri) else os.path.abspath(uri)
+
+
+def encode_dataset(checkpoint: str | os.PathLike, data: str | os.PathLike | Sequence[str], out: str | os.PathLike,
+                   *, batch_size: int = 256, concurrency: int | None = None, num_gpus: float | None = None,
+                   address: str | None = None) -> dict[str, Any]:
+    """Encode a split's shards into ``OUT/codes-%05d.parquet`` (one per input tar) + ``OUT/codes.json``.
+
+    Ray Data actor pool of ``concurrency`` encoders (default: one per GPU, else 2 CPU actors), ``num_gpus`` per
+    actor (default 1 when the cluster has GPUs, else 0). Resumable: outputs present from an earlier run are kept.
+    Returns the ``codes.json`` summary (bits, checkpoint, per-shard counts, skipped corrupt samples).
+    """
+    from rayhash.data import read_shards, shard_urls, skip_counts
+    from rayhash.model import load_checkpoint
+    from rayhash.runtime import cluster_has_gpus, init_ray
+
+    out, checkpoint = _abs(str(out)), _abs(str(checkpoint))
+    loaded = load_checkpoint(checkpoint)
+    bits, image_size = loaded.bits, loaded.image_size
+    urls = shard_urls(data if isinstance(data, (str, os.PathLike)) else list(data))
+    outputs = [storage.join(out, CODES_PATTERN % i) for i in range(len(urls))]
+    counts = _expected_counts(data, urls)
+    skipped = {i: _check_existing(o, u, bits, checkpoint) for i, (o, u) in enumerate(zip(outputs, urls))
+               if storage.exists(o)}
+    todo = [i for i in range(len(urls)) if i not in skipped]
+    log.info("encode: %d input shard(s), %d already done, %d to encode -> %s", len(urls), len(skipped), len(todo), out)
+    storage.makedirs(out)
+    _remove_stale_temps(out)
+    if todo:
+        init_ray(address)
+        gpus = cluster_has_gpus()
+        num_gpus = (1 if gpus else 0) if num_gpus is None else num_gpus
+        if concurrency is None:
+            import ray
+
+            concurrency = max(1, int(ray.cluster_resources().get("GPU", 0))) if num_gpus else 2
+        baseline = skip_counts()["by_shard"]
+        ds = read_shards([urls[i] for i in todo], mode="eval", image_size=image_size)
+        ds = ds.map_batches(EncodeBatch, fn_constructor_kwargs={"checkpoint": checkpoint}, batch_size=batch_size,
+                            concurrency=concurrency, num_gpus=num_gpus, num_cpus=0 if num_gpus else 1,
+                            batch_format="numpy")
+        ds.context.execution_options.preserve_order = True
+        writer = _ShardWriter([(i, urls[i], outputs[i], counts[i]) for i in todo], bits, checkpoint, baseline)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            writer.add(batch)
+        skipped.update(writer.finish())
+    return _write_summary(out, outputs, urls, skipped, bits, checkpoint, data, loaded.label_names)
+
+
+class _ShardWriter:
+    """Cuts the ordered stream of encoded rows into input tars and writes each as soon as it is complete."""
+
+    def __init__(self, plan: list[tuple[int, str, str, int]], bits: int, checkpoint: str, baseline: dict):
+        self.plan, self.bits, self.checkpoint, self.baseline = plan, bits, checkpoint, baseline
+        self.cur, self.parts, self.got, self.skips = 0, [], 0, {}
+        self.written: dict[int, int] = {}
+
+    def _skipped(self, url: str) -> int:
+        from rayhash.data import skip_counts
+
+        by_shard = skip_counts()["by_shard"]
+        name = os.path.basename(url)
+        return sum(v - self.baseline.get(u, 0) for u, v in by_shard.items() if os.path.basename(u) == name)
+
+    def _need(self, refresh: bool) -> int:
+        _, url, _, count = self.plan[self.cur]
+        if refresh or url not in self.skips:
+            self.skips[url] = self._skipped(url)
+        return count - self.skips[url] - self.got
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        pos, n = 0, len(batch["key"])
+        while pos < n:
+            if self.cur >= len(self.plan):
+                raise ValueError(f"more encoded rows than the input shards hold ({self.plan[-1][1]} and earlier); "
+                                 "dataset.json sample counts are wrong — re-run `rayhash data convert`")
+            need = self._need(refresh=False)
+            if need <= n - pos:  # this batch reaches the end of the current tar: its skip count is final now
+                need = self._need(refresh=True)
+            if need <= 0:
+                self._flush()
+                continue
+            take = min(need, n - pos)
+            self.parts.append({c: batch[c][pos:pos + take] for c in ("key", "code", "label")})
+            self.got += take
+            pos += take
+
+    def _flush(self) -> None:
+        no, url, path, _ = self.plan[self.cur]
+        keys = np.concatenate([p["key"] for p in self.parts]) if self.parts else np.empty(0, object)
+        codes = (np.concatenate([p["code"] for p in self.parts]) if self.parts
+                 else np.zeros((0, self.bits // 8), np.uint8))
+        labels = np.concatenate([p["label"] for p in self.parts]) if self.parts else np.empty(0, np.int32)
+        skipped = self.skips.get(url, 0)
+        write_codes(path, keys, codes, labels, {META_SOURCE: os.path.basename(url), META_BITS: self.bits,
+                                                META_CHECKPOINT: self.checkpoint, META_SKIPPED: skipped})
+        self.written[no] = skipped
+        self.cur, self.parts, self.got = self.cur + 1, [], 0
+
+    def finish(self) -> dict[int, int]:
+        while self.cur < len(self.plan):
+            need = self._need(refresh=True)
+            if need > 0:
+                _, url, _, count = self.plan[self.cur]
+                raise ValueError(f"{url}: got {self.got} codes + {self.skips[url]} skipped, but the shard holds "
+                                 f"{count} samples; its output was not written — re-run to retry")
+            self._flush()
+        return self.written
+
+
+def _write_summary(out: str, outputs: list[str], urls: list[str], skipped: dict[int, int], bits: int,
+                   checkpoint: str, data, label_names: list[str]) -> dict[str, Any]:
+    from rayhash.index.codes import code_file_rows
+
+    shards = [{"file": os.path.basename(o), "source": u, "count": code_file_rows(o)[0], "skipped": skipped[i]}
+              for i, (o, u) in enumerate(zip(outputs, urls))]
+    summary = {"bits": bits, "checkpoint": checkpoint,
+               "data": _abs(str(data)) if isinstance(data, (str, os.PathLike)) else None,
+               "label_names": label_names, "count": sum(s["count"] for s in shards),
+               "skipped_corrupt": sum(s["skipped"] for s in shards), "shards": shards,
+               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    storage.write_json(storage.join(out, CODES_SUMMARY), summary)
+    log.info("encode: %d codes in %d shard(s), %d corrupt sample(s) skipped -> %s", summary["count"], len(shards),
+             summary["skipped_corrupt"], out)
+    return summary

@@ -1,0 +1,38 @@
+"""``rayhash eval``: score a sharded index with hierarchical precision."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _run(args: argparse.Namespace) -> int:
+    from rayhash.eval import evaluate
+
+    classes = [int(c) for c in args.classes.split(",")] if args.classes else None
+    metrics = evaluate(args.index, args.checkpoint, args.queries, args.out, k=args.k, map_k=args.map_k,
+                       radius=args.radius, targets=args.targets, max_queries=args.max_queries, classes=classes,
+                       caption_embeddings=args.caption_embeddings, mode=args.mode, address=args.address)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate an index: mAHP@250 (index / expected ties), mAP@1000, P@r2, plots",
+                       description="Encode the query split with the checkpoint, retrieve from the sharded index and "
+                                   "write EVAL/metrics.json, EVAL/per_query.parquet and PNG plots.")
+    p.add_argument("--index", required=True, help="index folder or URI (from `rayhash index build`)")
+    p.add_argument("--checkpoint", default=None, help="training run or checkpoint (default: the index's)")
+    p.add_argument("--queries", required=True, help="query split of shards, e.g. DS/test")
+    p.add_argument("--out", required=True, help="output folder for metrics.json and plots")
+    p.add_argument("--targets", default="auto", choices=["auto", "hierarchy", "captions"],
+                   help="relevance: class hierarchy or caption-embedding similarity (auto: from dataset.json)")
+    p.add_argument("--caption-embeddings", default=None, help="Parquet of caption embeddings (captions targets)")
+    p.add_argument("--k", type=int, default=250, help="mAHP cut-off (default: %(default)s)")
+    p.add_argument("--map-k", type=int, default=1000, help="mAP cut-off (default: %(default)s)")
+    p.add_argument("--radius", type=int, default=2, help="Hamming radius for precision (default: %(default)s)")
+    p.add_argument("--max-queries", type=int, default=None, help="evaluate a seeded random subset of queries")
+    p.add_argument("--classes", default=None,
+                   help="comma-separated labels the queries are restricted to (zero-shot: the unseen classes)")
+    p.add_argument("--mode", default="local", choices=["local", "ray"], help="index search mode")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
+    p.set_defaults(func=_run)

@@ -1,0 +1,18 @@
+"""Sharded FAISS binary indices over Parquet code shards: build (one Ray task per shard), open, exact search.
+
+```python
+from rayhash.index import read_codes, build_index, ShardedIndex
+build_index("CODES", "INDEX", index_type="flat", shards=4)
+with ShardedIndex.open("INDEX", mode="local") as index:
+    res = index.search(read_codes("CODES").codes[:5], k=10)   # res.distances, res.keys, res.labels
+```
+"""
+from __future__ import annotations
+
+from rayhash.index.build import INDEX_TYPES, build_index, read_manifest
+from rayhash.index.codes import CodeTable, read_code_file, read_codes, write_codes
+from rayhash.index.search import RangeResult, SearchResult
+from rayhash.index.sharded import ShardedIndex
+
+__all__ = ["INDEX_TYPES", "CodeTable", "RangeResult", "SearchResult", "ShardedIndex", "build_index",
+           "read_code_file", "read_codes", "read_manifest", "write_codes"]

@@ -1,0 +1,211 @@
+"""Build sharded FAISS binary indices from Parquet code shards: one Ray task per index shard.
+
+An index folder holds, per shard, ``shard-%05d.faiss`` (``faiss.write_index_binary``) and ``shard-%05d.ids.parquet``
+(key, label in FAISS id order), and ``manifest.json`` (written atomically, last): code bits, index type and
+parameters, per-shard counts and sha256 of both files, the checkpoint the codes came from, the code files indexed.
+"""
+from __future__ import annotations
+
+import math
+import os
+from datetime import datetime, timezone
+from typing import Any, Sequence
+
+import numpy as np
+
+from rayhash import storage
+from rayhash.index.codes import CodeTable, code_file_rows, list_code_files, read_code_file, read_codes_summary
+from rayhash.runtime import get_logger
+
+MANIFEST = "manifest.json"
+FORMAT = "rayhash-index"
+FORMAT_VERSION = 1
+INDEX_TYPES = ("flat", "hash", "multihash", "ivf")
+_FAISS_CLASS = {"flat": "IndexBinaryFlat", "hash": "IndexBinaryHash", "multihash": "IndexBinaryMultiHash",
+                "ivf": "IndexBinaryIVF"}
+
+log = get_logger("rayhash.index")
+
+
+def default_params(index_type: str, bits: int, **overrides: Any) -> dict[str, Any]:
+    """Index parameters with defaults: ``hash_bits``/``nflip`` (hash), ``nhash``/``hash_bits``/``nflip``
+    (multihash), ``nlist`` (None = 4·sqrt(shard size)) / ``nprobe`` / ``train_size`` (ivf)."""
+    if index_type not in INDEX_TYPES:
+        raise ValueError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
+    defaults: dict[str, dict[str, Any]] = {
+        "flat": {},
+        "hash": {"hash_bits": min(bits, 16), "nflip": 2},
+        "multihash": {"nhash": 2, "hash_bits": min(bits // 2, 16), "nflip": 1},
+        "ivf": {"nlist": None, "nprobe": 8, "train_size": 50_000},
+    }
+    params = dict(defaults[index_type])
+    unknown = {k for k, v in overrides.items() if v is not None} - set(params)
+    if unknown:
+        raise ValueError(f"index type {index_type!r} takes no parameter(s) {sorted(unknown)}; "
+                         f"it takes {sorted(params) or 'none'}")
+    params.update({k: v for k, v in overrides.items() if v is not None})
+    return params
+
+
+def make_faiss_index(index_type: str, bits: int, params: dict[str, Any], codes: np.ndarray, seed: int = 0):
+    """A filled FAISS binary index of ``index_type`` over ``codes`` (IVF trained on a seeded sample)."""
+    import faiss
+
+    if index_type == "flat":
+        index = faiss.IndexBinaryFlat(bits)
+    elif index_type == "hash":
+        index = faiss.IndexBinaryHash(bits, int(params["hash_bits"]))
+        index.nflip = int(params["nflip"])
+    elif index_type == "multihash":
+        index = faiss.IndexBinaryMultiHash(bits, int(params["nhash"]), int(params["hash_bits"]))
+        index.nflip = int(params["nflip"])
+    else:
+        n = len(codes)
+        nlist = int(params["nlist"] or max(1, min(int(4 * math.sqrt(n)), n // 39)))
+        nlist = max(1, min(nlist, n))
+        quantizer = faiss.IndexBinaryFlat(bits)
+        index = faiss.IndexBinaryIVF(quantizer, bits, nlist)
+        index.own_fields = True
+        quantizer.this.disown()
+        rng = np.random.default_rng(seed)
+        sample = codes if n <= params["train_size"] else codes[rng.choice(n, int(params["train_size"]), replace=False)]
+        index.train(np.ascontiguousarray(sample))
+        index.nprobe = int(params["nprobe"])
+    index.add(np.ascontiguousarray(codes))
+    return index
+
+
+def shard_names(no: int) -> tuple[str, str]:
+    return f"shard-{no:05d}.faiss", f"shard-{no:05d}.ids.parquet"
+
+
+def _build_shard(out: str, no: int, pieces: list[tuple[str, int, int]], index_type: str,
+                 params: dict[str, Any], bits: int) -> dict[str, Any]:
+    """Build one shard from row slices of code files; write its index + id map atomically."""
+    import faiss
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = CodeTable.concat([read_code_file(f)[lo:hi] for f, lo, hi in pieces], bits)
+    index = make_faiss_index(index_type, bits, params, table.codes, seed=no)
+    index_name, ids_name = shard_names(no)
+    with storage.atomic_output(storage.join(out, index_name)) as tmp:
+        faiss.write_index_binary(index, tmp)
+        index_sha = storage.sha256_file(tmp)
+    with storage.atomic_output(storage.join(out, ids_name)) as tmp:
+        pq.write_table(pa.table({"key": pa.array(list(table.keys), pa.string()),
+                                 "label": pa.array(table.labels, pa.int32())}), tmp)
+        ids_sha = storage.sha256_file(tmp)
+    return {"index": index_name, "idmap": ids_name, "count": len(table), "index_sha256": index_sha,
+            "idmap_sha256": ids_sha, "sources": [[f, lo, hi] for f, lo, hi in pieces]}
+
+
+def read_manifest(index_dir: str) -> dict[str, Any]:
+    """The manifest of an index folder, checked for format and consistency."""
+    path = storage.join(str(index_dir), MANIFEST)
+    if not storage.exists(path):
+        raise FileNotFoundError(f"{path}: not found — {index_dir} is not a rayhash index "
+                                "(build one with `rayhash index build --codes CODES --out INDEX`)")
+    m = storage.read_json(path)
+    if m.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a rayhash index manifest (format={m.get('format')!r})")
+    if int(m.get("format_version", -1)) > FORMAT_VERSION:
+        raise ValueError(f"{path}: format version {m.get('format_version')} is newer than this rayhash supports "
+                         f"({FORMAT_VERSION}); upgrade rayhash")
+    bits = m.get("bits")
+    if not isinstance(bits, int) or bits <= 0 or bits % 8:
+        raise ValueError(f"{path}: field 'bits' = {bits!r} is not a positive multiple of 8; the manifest is corrupt, "
+                         "rebuild the index")
+    if m.get("index_type") not in INDEX_TYPES:
+        raise ValueError(f"{path}: field 'index_type' = {m.get('index_type')!r} is not one of {INDEX_TYPES}")
+    return m
+
+
+def _plan_shards(files: list[str], rows: list[int], shards: int) -> list[list[tuple[str, int, int]]]:
+    """Split the concatenated rows of ``files`` into ``shards`` contiguous, near-equal row ranges."""
+    starts = np.concatenate([[0], np.cumsum(rows)])
+    bounds = np.linspace(0, starts[-1], shards + 1).round().astype(int)
+    plan = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        pieces = []
+        for f, fs, fe in zip(files, starts[:-1], starts[1:]):
+            a, b = max(lo, fs), min(hi, fe)
+            if a < b:
+                pieces.append((f, int(a - fs), int(b - fs)))
+        plan.append(pieces)
+    return plan
+
+
+def build_index(codes: str | os.PathLike | Sequence[str], out: str | os.PathLike, *, index_type: str = "flat",
+                shards: int = 1, append: bool = False, checkpoint: str | None = None,
+                address: str | None = None, **params: Any) -> dict[str, Any]:
+    """Build a sharded FAISS binary index from code shards (one Ray task per index shard); return the manifest.
+
+    ``append=True`` indexes only code files not yet in the index at ``out``, as NEW shards (old shards untouched,
+    manifest replaced atomically). ``params``: see :func:`default_params`.
+    """
+    import ray
+
+    from rayhash.runtime import init_ray
+
+    out = str(out)
+    if shards < 1:
+        raise ValueError(f"shards must be >= 1, got {shards}")
+    files = list_code_files(codes)
+    info = [code_file_rows(f) for f in files]
+    widths = {w for _, w in info}
+    if len(widths) != 1:
+        raise ValueError(f"{codes}: code shards have different code widths {sorted(w * 8 for w in widths)} bits; "
+                         "index codes of one checkpoint at a time")
+    bits = widths.pop() * 8
+    summary = read_codes_summary(str(codes)) if isinstance(codes, (str, os.PathLike)) else {}
+    checkpoint = checkpoint or summary.get("checkpoint")
+    manifest_path = storage.join(out, MANIFEST)
+    old = None
+    if storage.exists(manifest_path):
+        if not append:
+            raise FileExistsError(f"{manifest_path} already exists; pass --append to add new codes as new shards, "
+                                  "or choose an empty --out")
+        old = read_manifest(out)
+        if old["bits"] != bits:
+            raise ValueError(f"{codes}: {bits}-bit codes cannot be appended to {out}, which holds {old['bits']}-bit "
+                             "codes; build a separate index")
+        if old["index_type"] != index_type:
+            raise ValueError(f"{out} is a {old['index_type']!r} index; append with --type {old['index_type']}")
+        params = {**old["params"], **{k: v for k, v in params.items() if v is not None}}
+        done = {src[0] for s in old["shards"] for src in s["sources"]}
+        keep = [i for i, f in enumerate(files) if f not in done]
+        if len(keep) < len(files):
+            log.info("append: %d code file(s) already indexed, skipped", len(files) - len(keep))
+        files, info = [files[i] for i in keep], [info[i] for i in keep]
+    params = default_params(index_type, bits, **params)
+    rows = [r for r, _ in info]
+    total = sum(rows)
+    if total == 0:
+        if old is not None:
+            log.info("append: no new codes; index unchanged")
+            return old
+        raise ValueError(f"{codes}: the code shards hold no rows; nothing to index")
+    shards = min(shards, total)
+    first = 1 + max((int(s["index"][6:11]) for s in old["shards"]), default=-1) if old else 0
+    plan = _plan_shards(files, rows, shards)
+    init_ray(address)
+    task = ray.remote(num_cpus=1)(_build_shard)
+    refs = [task.remote(out, first + i, pieces, index_type, params, bits) for i, pieces in enumerate(plan)]
+    log.info("building %d %s shard(s) over %d codes (%d bits) in %s", len(refs), index_type, total, bits, out)
+    new = ray.get(refs)
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    for s in new:
+        s["created"] = now
+    all_shards = (old["shards"] if old else []) + new
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "bits": bits, "index_type": index_type,
+        "faiss_class": _FAISS_CLASS[index_type], "params": params, "checkpoint": checkpoint,
+        "label_names": summary.get("label_names") or (old or {}).get("label_names"),
+        "data": summary.get("data") or (old or {}).get("data"),
+        "created": old["created"] if old else now, "updated": now,
+        "ntotal": sum(s["count"] for s in all_shards), "shards": all_shards,
+    }
+    storage.write_json(manifest_path, manifest)
+    log.info("index %s: %d shards, %d codes", out, len(all_shards), manifest["ntotal"])
+    return manifest

@@ -1,0 +1,140 @@
+"""Parquet code shards: ``codes-%05d.parquet`` with ``key`` (string), ``code`` (fixed_size_binary d/8), ``label``
+(int32, -1 when unlabelled), plus ``codes.json`` (bits, checkpoint, per-shard counts, skipped corrupt inputs)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rayhash import storage
+
+CODES_PATTERN = "codes-%05d.parquet"
+CODES_SUMMARY = "codes.json"
+
+
+@dataclass
+class CodeTable:
+    """Codes in memory: ``keys`` object (n,), ``codes`` uint8 (n, bits/8), ``labels`` int32 (n,)."""
+
+    keys: np.ndarray
+    codes: np.ndarray
+    labels: np.ndarray
+    bits: int
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, sl) -> "CodeTable":
+        return CodeTable(self.keys[sl], self.codes[sl], self.labels[sl], self.bits)
+
+    @staticmethod
+    def concat(tables: Sequence["CodeTable"], bits: int) -> "CodeTable":
+        if not tables:
+            return CodeTable(np.empty(0, object), np.empty((0, bits // 8), np.uint8), np.empty(0, np.int32), bits)
+        return CodeTable(np.concatenate([t.keys for t in tables]), np.concatenate([t.codes for t in tables]),
+                         np.concatenate([t.labels for t in tables]), bits)
+
+
+def codes_to_arrow(keys, codes: np.ndarray, labels) -> pa.Table:
+    """An Arrow table in the code-shard schema (``codes`` uint8 (n, B))."""
+    codes = np.ascontiguousarray(codes, dtype=np.uint8)
+    n, nbytes = codes.shape
+    code_arr = pa.FixedSizeBinaryArray.from_buffers(pa.binary(nbytes), n, [None, pa.py_buffer(codes.tobytes())])
+    return pa.table({"key": pa.array([str(k) for k in keys], pa.string()), "code": code_arr,
+                     "label": pa.array(np.asarray(labels, dtype=np.int32), pa.int32())})
+
+
+def write_codes(uri: str, keys, codes: np.ndarray, labels, metadata: dict[str, str] | None = None) -> None:
+    """Write one code shard atomically (nothing half-written under its final name)."""
+    table = codes_to_arrow(keys, codes, labels)
+    if metadata:
+        table = table.replace_schema_metadata({k: str(v) for k, v in metadata.items()})
+    with storage.atomic_output(uri) as tmp:
+        pq.write_table(table, tmp)
+
+
+def _code_matrix(col: pa.ChunkedArray | pa.Array, where: str) -> np.ndarray:
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if not pa.types.is_fixed_size_binary(arr.type):
+        raise ValueError(f"{where}: column 'code' has type {arr.type}, expected fixed_size_binary(bits/8); "
+                         "re-create the codes with `rayhash encode`")
+    if arr.null_count:
+        raise ValueError(f"{where}: column 'code' has {arr.null_count} null values; re-create the codes")
+    width = arr.type.byte_width
+    buf = np.frombuffer(arr.buffers()[1], dtype=np.uint8)
+    return buf[arr.offset * width:(arr.offset + len(arr)) * width].reshape(len(arr), width).copy()
+
+
+def read_code_file(uri: str) -> CodeTable:
+    """Read one code shard (local path or URI)."""
+    fs, path = storage.resolve(uri)
+    try:
+        table = pq.read_table(path, filesystem=fs)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{uri}: code shard not found") from e
+    except pa.ArrowInvalid as e:
+        raise ValueError(f"{uri}: not a readable Parquet file ({e}); re-create it with `rayhash encode`") from e
+    missing = {"key", "code", "label"} - set(table.column_names)
+    if missing:
+        raise ValueError(f"{uri}: missing column(s) {sorted(missing)}; expected key, code, label")
+    codes = _code_matrix(table.column("code"), uri)
+    keys = np.array(table.column("key").to_pylist(), dtype=object)
+    labels = table.column("label").to_numpy(zero_copy_only=False).astype(np.int32)
+    return CodeTable(keys, codes, labels, codes.shape[1] * 8)
+
+
+def _norm(uri: str | os.PathLike) -> str:
+    return str(uri) if storage.is_remote(uri) else os.path.abspath(str(uri))
+
+
+def list_code_files(codes: str | os.PathLike | Sequence[str]) -> list[str]:
+    """The code shard files of a codes dir (sorted), a single file, or an explicit list."""
+    if not isinstance(codes, (str, os.PathLike)):
+        return [_norm(c) for c in codes]
+    codes = _norm(codes)
+    if codes.endswith(".parquet"):
+        return [codes]
+    files = storage.list_files(codes, ".parquet")
+    if not files:
+        raise FileNotFoundError(f"{codes}: no code shards (codes-*.parquet) found; run `rayhash encode` first")
+    return files
+
+
+def code_file_rows(uri: str) -> tuple[int, int]:
+    """``(rows, bytes per code)`` of a code shard, from its Parquet footer only."""
+    fs, path = storage.resolve(uri)
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        field = pf.schema_arrow.field("code") if "code" in pf.schema_arrow.names else None
+        if field is None or not pa.types.is_fixed_size_binary(field.type):
+            raise ValueError(f"{uri}: no fixed_size_binary 'code' column; not a rayhash code shard")
+        return pf.metadata.num_rows, field.type.byte_width
+
+
+def read_codes(codes_dir: str | os.PathLike | Sequence[str]) -> CodeTable:
+    """All code shards of ``codes_dir`` (sorted by file name, rows in file order) as one :class:`CodeTable`."""
+    files = list_code_files(codes_dir)
+    tables = [read_code_file(f) for f in files]
+    widths = {t.bits for t in tables}
+    if len(widths) > 1:
+        detail = ", ".join(f"{os.path.basename(f)}: {t.bits}" for f, t in zip(files, tables))
+        raise ValueError(f"{codes_dir}: code shards have different code widths ({detail} bits); "
+                         "they come from different checkpoints — encode them into separate folders")
+    bits = tables[0].bits
+    summary = storage.join(str(codes_dir), CODES_SUMMARY) if isinstance(codes_dir, (str, os.PathLike)) else None
+    if summary and storage.exists(summary):
+        declared = storage.read_json(summary).get("bits")
+        if declared is not None and int(declared) != bits:
+            raise ValueError(f"{summary}: says bits={declared} but the code shards hold {bits}-bit codes; "
+                             "the folder mixes runs — re-encode into an empty folder")
+    return CodeTable.concat(tables, bits)
+
+
+def read_codes_summary(codes_dir: str) -> dict:
+    """``codes.json`` of a codes folder, or ``{}`` when absent."""
+    path = storage.join(str(codes_dir), CODES_SUMMARY)
+    return storage.read_json(path) if storage.exists(path) else {}

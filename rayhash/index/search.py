@@ -1,0 +1,256 @@
+"""Exact top-k over index shards with ties broken by key, so results never depend on how codes are sharded.
+
+Each shard answers with its own exact top-k by (distance, key): FAISS returns the nearest codes with ties in
+arbitrary order, so a shard asks for more than k and, while the tie group at its k-th distance may continue past
+what FAISS returned, asks again with twice as many. Merging exact per-shard (or per-actor) top-k lists by
+(distance, key) gives the exact global top-k. Keys travel as fixed-width numpy unicode arrays (C-speed sorting).
+"""
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from rayhash import storage
+
+_SENTINEL = np.iinfo(np.int32).max
+GPU_MAX_K = 2048  # faiss GPU k-selection limit
+
+
+@dataclass
+class SearchResult:
+    """Per query the k nearest codes: ``distances`` int32 (nq,k), ``keys`` object (nq,k), ``labels`` int32 (nq,k).
+    Rows are sorted by (distance, key); missing hits (fewer than k reachable) have distance -1, key None."""
+
+    distances: np.ndarray
+    keys: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass
+class RangeResult:
+    """All codes within a Hamming radius, per query ``i`` in ``[lims[i], lims[i+1])``, sorted by (distance, key)."""
+
+    lims: np.ndarray
+    distances: np.ndarray
+    keys: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.lims) - 1
+
+    def __getitem__(self, i: int) -> SearchResult:
+        a, b = self.lims[i], self.lims[i + 1]
+        return SearchResult(self.distances[a:b], self.keys[a:b], self.labels[a:b])
+
+
+def select_topk(d: np.ndarray, keys: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
+    """Row-wise top-k of candidate lists by (distance, key); invalid candidates carry distance ``_SENTINEL``."""
+    nq, w = d.shape
+    if w < k:
+        pad = ((0, 0), (0, k - w))
+        d, keys, labels = np.pad(d, pad, constant_values=_SENTINEL), np.pad(keys, pad), np.pad(labels, pad,
+                                                                                                  constant_values=-1)
+    order = np.lexsort((keys, d), axis=-1)[:, :k]
+    return tuple(np.take_along_axis(a, order, axis=1) for a in (d, keys, labels))
+
+
+def finish(d: np.ndarray, keys: np.ndarray, labels: np.ndarray) -> SearchResult:
+    """Candidate arrays (sentinel-padded, unicode keys) -> public :class:`SearchResult`."""
+    missing = d == _SENTINEL
+    out_keys = keys.astype(object)
+    out_keys[missing] = None
+    return SearchResult(np.where(missing, -1, d).astype(np.int32), out_keys,
+                        np.where(missing, -1, labels).astype(np.int32))
+
+
+def merge_topk(parts: list[tuple[np.ndarray, ...]], k: int) -> tuple[np.ndarray, ...]:
+    """Merge exact per-part top-k candidate triples into the exact top-k."""
+    if len(parts) == 1:
+        return select_topk(*parts[0], k)
+    d = np.concatenate([p[0] for p in parts], axis=1)
+    keys = np.concatenate([p[1] for p in parts], axis=1)
+    labels = np.concatenate([p[2] for p in parts], axis=1)
+    return select_topk(d, keys, labels, k)
+
+
+def merge_ranges(parts: list[tuple[np.ndarray, ...]], nq: int) -> tuple[np.ndarray, ...]:
+    """Merge per-part range results ``(qid, distances, keys, labels)`` sorted by (query, distance, key)."""
+    qid, d, keys, labels = (np.concatenate([p[i] for p in parts]) for i in range(4))
+    order = np.lexsort((keys, d, qid))
+    return tuple(a[order] for a in (qid, d, keys, labels))
+
+
+def ranges_to_result(qid: np.ndarray, d: np.ndarray, keys: np.ndarray, labels: np.ndarray, nq: int) -> RangeResult:
+    lims = np.searchsorted(qid, np.arange(nq + 1)).astype(np.int64)
+    return RangeResult(lims, d.astype(np.int32), keys.astype(object), labels.astype(np.int32))
+
+
+_GPU_RES = None
+
+
+def _gpu_resources():
+    global _GPU_RES
+    import faiss
+
+    if _GPU_RES is None:
+        _GPU_RES = faiss.StandardGpuResources()
+    return _GPU_RES
+
+
+class Shard:
+    """One loaded index shard: the FAISS index (plus a GPU copy for flat shards when faiss sees GPUs) and its
+    id map (keys as a numpy unicode array, labels int32)."""
+
+    def __init__(self, name: str, index, keys: np.ndarray, labels: np.ndarray, index_type: str,
+                 params: dict[str, Any], use_gpu: bool = True):
+        import faiss
+
+        self.name, self.index, self.keys, self.labels = name, index, keys, labels
+        self.index_type, self.params = index_type, params
+        self.ntotal = int(index.ntotal)
+        if index_type in ("hash", "multihash"):
+            index.nflip = int(params["nflip"])
+        elif index_type == "ivf":
+            index.nprobe = int(params["nprobe"])
+        self.gpu_index = None
+        if use_gpu and index_type == "flat" and faiss.get_num_gpus() > 0:  # pragma: no cover - no GPU here
+            self.gpu_index = faiss.GpuIndexBinaryFlat(_gpu_resources(), index)
+
+    @classmethod
+    def load(cls, index_dir: str, entry: dict[str, Any], manifest: dict[str, Any], *, verify: bool = True,
+             use_gpu: bool = True, params: dict[str, Any] | None = None, cache_dir: str | None = None) -> "Shard":
+        """Load and verify one shard (sha256 of both files, code width, index type, row counts)."""
+        import faiss
+        import pyarrow.parquet as pq
+
+        bits = manifest["bits"]
+        local = {}
+        for field in ("index", "idmap"):
+            uri = storage.join(index_dir, entry[field])
+            if not storage.exists(uri):
+                raise FileNotFoundError(f"{uri}: shard file listed in manifest.json is missing; restore it or "
+                                        "rebuild the index with `rayhash index build`")
+            local[field] = storage.local_copy(uri, cache_dir)
+            if verify and storage.sha256_file(local[field]) != entry[f"{field}_sha256"]:
+                raise ValueError(f"{uri}: sha256 does not match manifest.json — the shard file is corrupted or was "
+                                 "modified; rebuild the index with `rayhash index build`")
+        uri = storage.join(index_dir, entry["index"])
+        try:
+            index = faiss.read_index_binary(local["index"])
+        except RuntimeError as e:
+            raise ValueError(f"{uri}: FAISS cannot read this file ({str(e).splitlines()[-1][:120]}); it is "
+                             "corrupted — rebuild the index with `rayhash index build`") from e
+        if index.d != bits:
+            raise ValueError(f"{uri}: holds {index.d}-bit codes but manifest.json says bits={bits}; the manifest does "
+                             "not belong to these shards — rebuild the index")
+        expected = manifest.get("faiss_class")
+        if expected and type(index).__name__ != expected:
+            raise ValueError(f"{uri}: is a {type(index).__name__} but manifest.json says index_type="
+                             f"{manifest['index_type']!r} ({expected}); rebuild the index")
+        ids = pq.read_table(local["idmap"])
+        if not (ids.num_rows == index.ntotal == entry["count"]):
+            raise ValueError(f"{uri}: {index.ntotal} codes, id map {ids.num_rows} rows, manifest count "
+                             f"{entry['count']} — inconsistent shard; rebuild the index")
+        keys = np.asarray(ids.column("key").to_pylist(), dtype=str)
+        labels = ids.column("label").to_numpy(zero_copy_only=False).astype(np.int32)
+        return cls(entry["index"], index, keys, labels, manifest["index_type"],
+                   {**manifest["params"], **(params or {})}, use_gpu)
+
+    def _faiss_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.gpu_index is not None and k <= GPU_MAX_K:  # pragma: no cover - no GPU here
+            return self.gpu_index.search(q, k)
+        return self.index.search(q, k)  # k > 2048 on GPU shards: the CPU copy answers
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
+        """Exact top-k of this shard by (distance, key), as sentinel-padded candidate arrays."""
+        kk = min(self.ntotal, 2 * k + 8)
+        d, i = self._faiss_search(q, kk)
+        dd, ii = d.astype(np.int64), i
+        extra: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        rows = np.arange(len(q))
+        while True:
+            # the tie group at the k-th distance may continue past the kk-th hit: ask again with 2*kk
+            more = (kk < self.ntotal) & (i[:, -1] >= 0) & (d[:, -1] == d[:, min(k, kk) - 1])
+            rows = rows[more]
+            if not len(rows):
+                break
+            kk = min(self.ntotal, 2 * kk)
+            d, i = self._faiss_search(q[rows], kk)
+            extra.update({int(r): (d[j], i[j]) for j, r in enumerate(rows)})
+        if extra:
+            pad = ((0, 0), (0, kk - dd.shape[1]))
+            dd, ii = np.pad(dd, pad, constant_values=_SENTINEL), np.pad(ii, pad, constant_values=-1)
+            for r, (dr, ir) in extra.items():
+                dd[r, :len(dr)], ii[r, :len(ir)] = dr, ir
+        return self._candidates(dd, ii, k)
+
+    def _candidates(self, dd: np.ndarray, ii: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
+        valid = ii >= 0
+        dd = np.where(valid, dd, _SENTINEL).astype(np.int32)
+        safe = np.where(valid, ii, 0)
+        keys = self.keys[safe] if self.ntotal else np.full(ii.shape, "", dtype=str)
+        keys = np.where(valid, keys, "")
+        labels = np.where(valid, self.labels[safe] if self.ntotal else -1, -1).astype(np.int32)
+        return select_topk(dd, keys, labels, k)
+
+    def range_search(self, q: np.ndarray, radius: int) -> tuple[np.ndarray, ...]:
+        """All codes with distance <= radius: ``(qid, distances, keys, labels)`` (unsorted).
+
+        Hash indices widen ``nflip`` for the call so that the lookup is exact within the radius."""
+        index = self.index
+        saved = getattr(index, "nflip", None)
+        if self.index_type == "hash":
+            index.nflip = max(saved, radius)
+        elif self.index_type == "multihash":
+            index.nflip = max(saved, math.ceil((radius + 1) / int(self.params["nhash"])) - 1)
+        try:
+            lims, d, i = index.range_search(q, radius + 1)  # faiss: strictly below the threshold
+        finally:
+            if saved is not None:
+                index.nflip = saved
+        qid = np.repeat(np.arange(len(q)), np.diff(lims.astype(np.int64)))
+        return qid, d.astype(np.int32), self.keys[i], self.labels[i]
+
+
+class ShardGroup:
+    """Several shards answered together (threads over shards, FAISS releases the GIL)."""
+
+    def __init__(self, shards: list[Shard], threads: int | None = None):
+        self.shards = shards
+        self.threads = max(1, min(len(shards), threads or os.cpu_count() or 1))
+        self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+
+    @classmethod
+    def load(cls, index_dir: str, entries: list[dict], manifest: dict, threads: int | None = None,
+             **kwargs: Any) -> "ShardGroup":
+        return cls([Shard.load(index_dir, e, manifest, **kwargs) for e in entries], threads)
+
+    def _map(self, fn, *args):
+        if self._pool is None:
+            return [fn(s, *args) for s in self.shards]
+        return list(self._pool.map(lambda s: fn(s, *args), self.shards))
+
+    @property
+    def ntotal(self) -> int:
+        return sum(s.ntotal for s in self.shards)
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
+        return merge_topk(self._map(Shard.search, q, k), k)
+
+    def range_search(self, q: np.ndarray, radius: int) -> tuple[np.ndarray, ...]:
+        return merge_ranges(self._map(Shard.range_search, q, radius), len(q))
+
+    def labels(self) -> np.ndarray:
+        return np.concatenate([s.labels for s in self.shards])
+
+    def keys(self) -> np.ndarray:
+        return np.concatenate([s.keys for s in self.shards])
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()

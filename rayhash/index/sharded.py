@@ -1,0 +1,233 @@
+"""Query a sharded index from a driver: shards in this process (``mode="local"``) or spread over Ray actors, one per
+group of shards sized to fit an actor's memory (``mode="ray"``, for indices bigger than one machine)."""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+from rayhash.index.build import read_manifest
+from rayhash.index.search import RangeResult, SearchResult, ShardGroup, finish, merge_ranges, merge_topk, \
+    ranges_to_result
+from rayhash.runtime import get_logger
+
+log = get_logger("rayhash.index")
+
+
+class ShardGroupActor:
+    """A Ray actor holding a :class:`ShardGroup` (loaded and verified inside the actor)."""
+
+    def load(self, index_dir: str, entries: list[dict], manifest: dict, load_kwargs: dict) -> int:
+        self.group = ShardGroup.load(index_dir, entries, manifest, **load_kwargs)
+        return self.group.ntotal
+
+    def search(self, q: np.ndarray, k: int):
+        return self.group.search(q, k)
+
+    def range_search(self, q: np.ndarray, radius: int):
+        return self.group.range_search(q, radius)
+
+    def keys_labels(self):
+        return self.group.keys(), self.group.labels()
+
+
+def _shard_bytes(entry: dict, bits: int) -> int:
+    """Rough resident size of a loaded shard: codes + unicode keys + labels."""
+    return entry["count"] * (bits // 8 + 4 * 32 + 4)
+
+
+def plan_groups(entries: list[dict], bits: int, actors: int | None, actor_memory: int) -> list[list[dict]]:
+    """Contiguous groups of shards, each within ``actor_memory`` bytes (or exactly ``actors`` groups)."""
+    sizes = [_shard_bytes(e, bits) for e in entries]
+    n = min(len(entries), actors or max(1, math.ceil(sum(sizes) / actor_memory)))
+    bounds = np.linspace(0, len(entries), n + 1).round().astype(int)
+    return [entries[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class ShardedIndex:
+    """A sharded FAISS binary index opened for search (see :meth:`open`)."""
+
+    def __init__(self, path: str, manifest: dict, mode: str, group: ShardGroup | None = None,
+                 actors: list | None = None, checkpoint: str | None = None):
+        self.path, self.manifest, self.mode = path, manifest, mode
+        self._group, self._actors = group, actors or []
+        self.checkpoint = checkpoint or manifest.get("checkpoint")
+        self._encoder = None
+
+    @classmethod
+    def open(cls, path_or_uri: str, mode: str = "local", checkpoint: str | None = None, verify: bool = True, *,
+             threads: int | None = None, actors: int | None = None, actor_memory: int = 8 << 30,
+             actor_cpus: float = 1, use_gpu: bool = True, address: str | None = None,
+             **search_params: Any) -> "ShardedIndex":
+        """Open an index folder (local path or s3:// gs:// URI), verifying every shard's sha256, code width and
+        index type against ``manifest.json``.
+
+        ``mode="local"``: all shards in this process, searched by ``threads`` threads. ``mode="ray"``: shards
+        grouped to fit ``actor_memory`` bytes per actor (or into ``actors`` groups); each group is loaded by one Ray
+        actor reserving that memory, so Ray places it on a node with room. ``search_params`` override the build's
+        search-time parameters (``nprobe`` for ivf, ``nflip`` for hash types). ``checkpoint`` (default: the one
+        recorded in the manifest) is used by :meth:`search_images`."""
+        path = str(path_or_uri)
+        manifest = read_manifest(path)
+        load_kwargs = {"verify": verify, "use_gpu": use_gpu, "params": search_params}
+        if not manifest["shards"]:
+            raise ValueError(f"{path}: manifest.json lists no shards; rebuild the index")
+        if mode == "local":
+            group = ShardGroup.load(path, manifest["shards"], manifest, threads=threads, **load_kwargs)
+            index = cls(path, manifest, mode, group=group, checkpoint=checkpoint)
+        elif mode == "ray":
+            import ray
+
+            from rayhash.runtime import init_ray
+
+            init_ray(address)
+            groups = plan_groups(manifest["shards"], manifest["bits"], actors, actor_memory)
+            handles = []
+            for entries in groups:
+                mem = sum(_shard_bytes(e, manifest["bits"]) for e in entries) + (64 << 20)
+                actor_cls = ray.remote(ShardGroupActor).options(num_cpus=actor_cpus, memory=mem,
+                                                                scheduling_strategy="SPREAD")
+                handles.append(actor_cls.remote())
+            loads = [h.load.remote(path, entries, manifest, {**load_kwargs, "threads": threads})
+                     for h, entries in zip(handles, groups)]
+            try:
+                ray.get(loads)
+            except ray.exceptions.RayTaskError as e:  # a shard failed verification: re-raise its clear error
+                for h in handles:
+                    ray.kill(h)
+                raise (e.cause if isinstance(e.cause, Exception) else e) from None
+            log.info("index %s: %d shards on %d Ray actors", path, len(manifest["shards"]), len(handles))
+            index = cls(path, manifest, mode, actors=handles, checkpoint=checkpoint)
+        else:
+            raise ValueError(f"mode must be 'local' or 'ray', got {mode!r}")
+        if checkpoint is not None:
+            index._check_encoder()
+        return index
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def bits(self) -> int:
+        return int(self.manifest["bits"])
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.manifest["ntotal"])
+
+    @property
+    def index_type(self) -> str:
+        return self.manifest["index_type"]
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.manifest["shards"])
+
+    # ------------------------------------------------------------------ queries
+    def _queries(self, q: Any) -> np.ndarray:
+        q = np.asarray(q)
+        if q.ndim == 1:
+            q = q[None, :]
+        nbytes = self.bits // 8
+        if q.ndim != 2 or q.shape[1] != nbytes:
+            got = q.shape[1] if q.ndim == 2 else f"shape {q.shape}"
+            raise ValueError(f"queries have {got} bytes per code, index expects {nbytes} ({self.bits} bits / 8); "
+                             "encode queries with the checkpoint this index was built from "
+                             f"({self.manifest.get('checkpoint') or 'see manifest.json'})")
+        if q.dtype != np.uint8:
+            raise ValueError(f"queries must be packed codes of dtype uint8 (np.packbits of the sign bits), "
+                             f"got {q.dtype}")
+        return np.ascontiguousarray(q)
+
+    def _fan_out(self, method: str, *args):
+        import ray
+
+        q_ref = ray.put(args[0])
+        return ray.get([getattr(a, method).remote(q_ref, *args[1:]) for a in self._actors])
+
+    def search(self, q_packed: Any, k: int = 10) -> SearchResult:
+        """The k nearest codes per query, exact, ties broken by key (independent of the sharding)."""
+        q = self._queries(q_packed)
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if self._group is not None:
+            return finish(*self._group.search(q, k))
+        return finish(*merge_topk(self._fan_out("search", q, k), k))
+
+    def range_search(self, q_packed: Any, radius: int) -> RangeResult:
+        """All codes within Hamming distance ``radius`` (inclusive) of each query, sorted by (distance, key).
+
+        Exact for flat, hash and multihash indices (hash lookups are widened to the radius); for ivf only the
+        ``nprobe`` nearest lists are scanned."""
+        q = self._queries(q_packed)
+        if radius < 0:
+            raise ValueError(f"radius must be >= 0, got {radius}")
+        if self._group is not None:
+            parts = self._group.range_search(q, radius)
+        else:
+            parts = merge_ranges(self._fan_out("range_search", q, radius), len(q))
+        return ranges_to_result(*parts, len(q))
+
+    def _check_encoder(self):
+        from rayhash.model import Encoder
+
+        if self._encoder is None:
+            if not self.checkpoint:
+                raise ValueError(f"{self.path}: no checkpoint recorded in manifest.json; pass checkpoint=RUN "
+                                 "(--checkpoint) to encode query images")
+            self._encoder = Encoder(self.checkpoint)
+            if self._encoder.bits != self.bits:
+                raise ValueError(f"checkpoint {self.checkpoint} produces {self._encoder.bits}-bit codes but index "
+                                 f"{self.path} holds {self.bits}-bit codes; use the checkpoint the index was built "
+                                 "from")
+        return self._encoder
+
+    def encode(self, items: Sequence[Any]) -> np.ndarray:
+        """Packed codes of images (paths, PIL images or HWC uint8 arrays) with the index's checkpoint."""
+        return self._check_encoder().encode_images(list(items))[1]
+
+    def search_images(self, items: Sequence[Any], k: int = 10) -> SearchResult:
+        """Encode images with the checkpoint, then :meth:`search`."""
+        return self.search(self.encode(items), k)
+
+    # ------------------------------------------------------------------ database contents
+    def _keys_labels(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._group is not None:
+            return self._group.keys(), self._group.labels()
+        import ray
+
+        parts = ray.get([a.keys_labels.remote() for a in self._actors])
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def keys(self) -> np.ndarray:
+        """All database keys (object array) in shard order."""
+        return self._keys_labels()[0].astype(object)
+
+    def labels(self) -> np.ndarray:
+        """All database labels (int32, -1 when unlabelled) in shard order."""
+        return self._keys_labels()[1]
+
+    def label_counts(self, minlength: int = 0) -> np.ndarray:
+        """``np.bincount`` of the database labels (unlabelled codes not counted)."""
+        labels = self.labels()
+        return np.bincount(labels[labels >= 0], minlength=minlength)
+
+    def close(self) -> None:
+        """Release threads / Ray actors."""
+        if self._group is not None:
+            self._group.close()
+        if self._actors:
+            import ray
+
+            for a in self._actors:
+                ray.kill(a)
+            self._actors = []
+
+    def __enter__(self) -> "ShardedIndex":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"ShardedIndex({self.path!r}, mode={self.mode!r}, type={self.index_type}, bits={self.bits}, "
+                f"shards={self.num_shards}, ntotal={self.ntotal})")

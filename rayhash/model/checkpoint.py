@@ -1,0 +1,116 @@
+"""Checkpoint folders (model.pt + meta.json + config.yaml [+ train_state.pt]) and the inference Encoder."""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from rayhash import storage
+from rayhash.model.network import HashNet
+
+MODEL_FILE, META_FILE, CONFIG_FILE, STATE_FILE = "model.pt", "meta.json", "config.yaml", "train_state.pt"
+
+
+def save_model_files(directory: str, model: torch.nn.Module, config, meta: dict[str, Any]) -> None:
+    """Write model.pt (unwrapped state_dict), meta.json and config.yaml into ``directory`` (local or URI)."""
+    model = getattr(model, "module", model)
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
+    storage.write_bytes(storage.join(directory, MODEL_FILE), buf.getvalue())
+    storage.write_json(storage.join(directory, META_FILE), meta)
+    storage.write_bytes(storage.join(directory, CONFIG_FILE), config.to_yaml().encode())
+
+
+def checkpoint_dir(path: str | os.PathLike) -> str:
+    """The checkpoint folder for a run dir (-> RUN/final) or a checkpoint dir; clear error otherwise."""
+    path = str(path)
+    if storage.exists(storage.join(path, MODEL_FILE)):
+        return path
+    final = storage.join(path, "final")
+    if storage.exists(storage.join(final, MODEL_FILE)):
+        return final
+    raise FileNotFoundError(f"checkpoint: no {MODEL_FILE} in {path} or {final}; pass a run folder written by "
+                            "`rayhash train --out RUN` (or its final/ checkpoint)")
+
+
+@dataclass
+class LoadedModel:
+    model: HashNet
+    config: Any  # rayhash.config.RunConfig
+    bits: int
+    image_size: int
+    label_names: list[str] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+    path: str = ""
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> LoadedModel:
+    """Load a trained HashNet (eval mode) from a run folder or a checkpoint folder (local or s3:// / gs://)."""
+    from rayhash.config import load_config
+
+    ckpt = checkpoint_dir(path)
+    meta = storage.read_json(storage.join(ckpt, META_FILE))
+    with tempfile.TemporaryDirectory(prefix="rayhash-ckpt-") as tmp:
+        cfg_path = os.path.join(tmp, CONFIG_FILE)
+        with open(cfg_path, "wb") as f:
+            f.write(storage.read_bytes(storage.join(ckpt, CONFIG_FILE)))
+        config = load_config(cfg_path)
+    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(ckpt, MODEL_FILE))), map_location=map_location,
+                       weights_only=True)
+    model = HashNet(config.model.backbone, config.model.bits, int(meta.get("num_classes", 0)),
+                    width=config.model.width)
+    model.load_state_dict(state)
+    model.eval()
+    return LoadedModel(model=model, config=config, bits=config.model.bits, image_size=config.data.image_size,
+                       label_names=list(meta.get("label_names") or []), meta=meta, path=ckpt)
+
+
+class Encoder:
+    """Images -> (continuous z, packed binary codes) with a trained checkpoint; CUDA when available."""
+
+    def __init__(self, checkpoint: str | os.PathLike | LoadedModel, device: str | torch.device | None = None):
+        from rayhash.runtime import torch_device
+
+        self.loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_checkpoint(checkpoint)
+        self.device = torch.device(device) if device is not None else torch_device()
+        self.model = self.loaded.model.to(self.device).eval()
+        self.bits, self.image_size = self.loaded.bits, self.loaded.image_size
+        self._transform = None
+
+    @torch.inference_mode()
+    def encode_tensor(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """x: (n,3,S,S) normalised images -> (z float32 (n,bits), packed uint8 (n,bits/8))."""
+        from rayhash.metrics import pack_codes
+
+        z, _ = self.model(torch.as_tensor(x, dtype=torch.float32).to(self.device, non_blocking=True))
+        z = z.float().cpu().numpy()
+        return z, pack_codes(z)
+
+    def encode_images(self, items: Sequence[Any], batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """Paths/URIs, PIL images or uint8 (H,W,3) arrays -> (z, packed codes)."""
+        from PIL import Image
+
+        from rayhash.data import decode_image, eval_transform
+
+        if self._transform is None:
+            self._transform = eval_transform(self.image_size)
+        zs, codes = [], []
+        for start in range(0, len(items), batch_size):
+            batch = []
+            for item in items[start:start + batch_size]:
+                if isinstance(item, np.ndarray):
+                    item = Image.fromarray(item).convert("RGB")
+                elif not isinstance(item, Image.Image):
+                    item = decode_image(storage.read_bytes(item))
+                batch.append(self._transform(item.convert("RGB")))
+            z, c = self.encode_tensor(torch.stack(batch))
+            zs.append(z)
+            codes.append(c)
+        if not zs:
+            return np.zeros((0, self.bits), np.float32), np.zeros((0, self.bits // 8), np.uint8)
+        return np.concatenate(zs), np.concatenate(codes)

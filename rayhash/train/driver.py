@@ -1,0 +1,175 @@
+"""The driver side of training: plan the run, launch a Ray Train TorchTrainer, export the final checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from rayhash import storage
+from rayhash.config import RunConfig
+from rayhash.runtime import get_logger
+
+log = get_logger("rayhash.train")
+RUN_NAME = "train"
+
+
+@dataclass
+class TrainResult:
+    checkpoint: str  # <out>/final: model.pt + meta.json + config.yaml (what encoding loads)
+    metrics: list[dict] = field(default_factory=list)  # one dict per epoch (also <out>/metrics.jsonl)
+    ray_checkpoint: str | None = None  # the last Ray Train checkpoint it was exported from
+
+
+def plan_steps(config: RunConfig, n_train: int) -> int:
+    """Optimiser steps per epoch: full global batches in the split, capped by train.steps_per_epoch."""
+    t = config.train
+    if t.batch_size % t.num_workers:
+        raise ValueError(f"train.batch_size ({t.batch_size}) must be divisible by train.num_workers "
+                         f"({t.num_workers}): it is the global batch split evenly over workers")
+    steps = n_train // t.batch_size
+    if steps < 1:
+        raise ValueError(f"train.batch_size ({t.batch_size}) exceeds the {n_train} training samples in "
+                         f"{config.data.path}/{config.data.train_split}; lower train.batch_size")
+    return min(steps, t.steps_per_epoch or steps)
+
+
+def _storage(config: RunConfig, out: str) -> str:
+    path = config.train.storage_path or storage.join(out, "ray")
+    return path if storage.is_remote(path) else os.path.abspath(path)
+
+
+def _has_run(storage_path: str) -> bool:
+    return storage.exists(storage.join(storage_path, RUN_NAME))
+
+
+def train(config: RunConfig, out: str, *, resume: bool = False, address: str | None = None) -> TrainResult:
+    """Train a hash network with Ray Train (DDP over ``train.num_workers`` workers) and export ``<out>/final``.
+
+    ``resume=True`` continues the run in ``<out>`` from its latest checkpoint (Ray Train restores it);
+    without it an existing run folder is refused. Worker failures restart from the last checkpoint up to
+    ``train.max_failures`` times."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from rayhash.data import load_dataset_info, read_shards
+    from rayhash.runtime import cluster_has_gpus, init_ray
+
+    config.check_paths()
+    out = str(out) if storage.is_remote(out) else os.path.abspath(out)
+    store = _storage(config, out)
+    if _has_run(store) and not resume:
+        raise FileExistsError(f"{out} already holds a training run ({storage.join(store, RUN_NAME)}); pass --resume "
+                              "to continue it from its latest checkpoint, or choose a new --out")
+    if resume and not _has_run(store):
+        log.warning("--resume: no earlier run under %s, starting from scratch", store)
+    d = config.data
+    info = load_dataset_info(d.path)
+    if d.targets == "hierarchy" and info.kind != "labels":
+        raise ValueError(f"data.targets: 'hierarchy' needs a labelled dataset but {d.path} holds {info.kind}; "
+                         "set data.targets=captions (or none)")
+    caption_embeddings = d.caption_embeddings
+    if d.targets == "captions" and not caption_embeddings:
+        caption_embeddings = storage.join(d.path, "caption_embeddings.parquet")
+        if not storage.exists(caption_embeddings):
+            raise FileNotFoundError(f"data.caption_embeddings: {caption_embeddings} not found; run "
+                                    f"`rayhash data embed-captions {d.path} --out {caption_embeddings}`")
+    similarity = info.similarity_matrix() if d.targets == "hierarchy" or info.hierarchy else None
+    num_classes = info.num_classes if info.kind == "labels" else 0
+    steps = plan_steps(config, info.count(d.train_split))
+
+    init_ray(address)
+    use_gpu = cluster_has_gpus() if config.train.use_gpu == "auto" else bool(config.train.use_gpu)
+    columns = ["image", "label"] + (["target"] if d.targets == "captions" else [])
+    ds = read_shards(storage.join(d.path, d.train_split), mode="train", image_size=d.image_size, shuffle=True,
+                     seed=config.train.seed, caption_embeddings=caption_embeddings if d.targets == "captions" else None)
+    ds = ds.select_columns(columns).limit(steps * config.train.batch_size)
+    val_source = storage.join(d.path, d.val_split) if d.val_split and d.val_split in info.splits else None
+    if d.val_split and not val_source:
+        log.warning("data.val_split %r not in %s (splits: %s): no validation metrics", d.val_split, d.path,
+                    sorted(info.splits))
+    storage.makedirs(out)
+    loop_cfg = {
+        "config": config.model_dump(), "num_classes": num_classes, "steps_per_epoch": steps,
+        "similarity": similarity, "val_source": val_source, "metrics_path": storage.join(out, "metrics.jsonl"),
+        "tensorboard_dir": os.path.join(out, "tensorboard") if config.train.tensorboard and not storage.is_remote(out)
+        else None,
+        "fault": os.environ.get("RAYHASH_FAULT_INJECT"),  # tests: rank=R,step=S,marker=FILE
+        "trace_dir": os.environ.get("RAYHASH_TRAIN_TRACE"),  # tests: per-worker labels seen, restores
+        "meta": {"bits": config.model.bits, "image_size": d.image_size, "num_classes": num_classes,
+                 "label_names": info.label_names, "dataset": info.name, "backbone": config.model.backbone,
+                 "targets": d.targets},
+    }
+    t = config.train
+    log.info("training %s (%d bits) on %s: %d worker(s)%s, %d epochs x %d steps, global batch %d; storage %s",
+             config.model.backbone, config.model.bits, d.path, t.num_workers, " on GPU" if use_gpu else " on CPU",
+             t.epochs, steps, t.batch_size, store)
+    trainer = TorchTrainer(
+        _entry, train_loop_config=loop_cfg, datasets={"train": ds},
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": t.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=RUN_NAME, storage_path=store,
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints)))
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"training failed: {result.error}") from result.error
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    final = export_final(result.checkpoint, out)
+    history = _read_history(storage.join(out, "metrics.jsonl"))
+    plot_curves(history, storage.join(out, "curves.png"))
+    log.info("final checkpoint: %s", final)
+    return TrainResult(checkpoint=final, metrics=history, ray_checkpoint=result.checkpoint.path)
+
+
+def _entry(loop_cfg: dict) -> list[dict]:
+    from rayhash.train.loop import train_loop_per_worker
+
+    return train_loop_per_worker(loop_cfg)
+
+
+def export_final(checkpoint, out: str) -> str:
+    """Copy the Ray checkpoint's model files (model.pt, meta.json, config.yaml, train_state.pt) to <out>/final."""
+    final = storage.join(out, "final")
+    with checkpoint.as_directory() as d:
+        for name in sorted(os.listdir(d)):
+            src = os.path.join(d, name)
+            if os.path.isfile(src):
+                with open(src, "rb") as f:
+                    storage.write_bytes(storage.join(final, name), f.read())
+    return final
+
+
+def _read_history(path: str) -> list[dict]:
+    if not storage.exists(path):
+        return []
+    return [json.loads(line) for line in storage.read_bytes(path).decode().splitlines() if line.strip()]
+
+
+def plot_curves(history: list[dict], path: str) -> None:
+    """PNG of the per-epoch curves: loss terms, code statistics, validation mAHP (binary vs continuous)."""
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] + 1 for h in history]
+    panels = [("loss terms", ["loss", "ce", "sim", "kl"]), ("codes", ["bit_balance", "quant_error"]),
+              ("validation", sorted({k for h in history for k in h if k.startswith(("val_mAHP", "val_mAP"))}))]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, (title, keys) in zip(axes, panels):
+        for key in keys:
+            pts = [(e, h[key]) for e, h in zip(epochs, history) if key in h]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=key)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    with storage.atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,293 @@
+"""What every Ray Train worker runs: DDP hash-net training with global-batch hashing losses, checkpoints, metrics."""
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from rayhash import storage
+from rayhash.config import RunConfig
+from rayhash.model import HashNet, save_model_files
+from rayhash.model.checkpoint import STATE_FILE
+from rayhash.runtime import get_logger
+
+log = get_logger("rayhash.train")
+
+
+def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
+    """Linear warm-up to 1, then cosine decay to ``min_ratio`` (as a LambdaLR multiplier of the step)."""
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def build_training(config: RunConfig, num_classes: int, steps_per_epoch: int, similarity=None):
+    """(model, optimizer, scheduler, loss) on CPU, unwrapped; the same for every worker and for benchmarks.
+    ``similarity`` (C, C) is the L_sim target for ``data.targets=hierarchy``; captions use the batch embeddings."""
+    from rayhash.losses import HashingLoss
+
+    model = HashNet.from_config(config.model, num_classes)
+    t = config.train
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    total = t.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lr_lambda(int(round(t.warmup_epochs * steps_per_epoch)), total, t.min_lr_ratio))
+    c = config.loss
+    loss = HashingLoss(alpha=c.alpha, beta=c.beta, k=c.k, uniformity=c.uniformity, sim_form=c.similarity,
+                       tau=c.tau, similarity=similarity if config.data.targets == "hierarchy" else None)
+    return model, opt, sched, loss
+
+
+def loss_step(model, loss_fn, batch: dict, config: RunConfig, generator: torch.Generator | None = None,
+              autocast: bool = False):
+    """Forward + hashing loss on one (local) batch; L_sim / L_KL see the global batch under DDP.
+
+    Returns (total, terms, z) with ``terms`` detached floats-as-tensors (loss, ce, sim, kl)."""
+    x = batch["image"]
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        z, logits = model(x)
+    z = z.float()
+    logits = logits.float() if logits is not None else None
+    emb = batch.get("target") if config.data.targets == "captions" else None
+    total, terms = loss_fn(z, logits, labels=batch.get("label"), embeddings=emb, generator=generator)
+    return total, terms, z
+
+
+def code_stats(z: torch.Tensor) -> dict[str, float]:
+    """Bit balance (mean over bits of |mean bit|; 0 = balanced) and quantisation error mean |z - sign z|."""
+    b = torch.where(z >= 0, 1.0, -1.0)
+    return {"bit_balance": float(b.mean(0).abs().mean()), "quant_error": float((z - b).abs().mean())}
+
+
+def _maybe_fail(fault: str | None, rank: int, step: int) -> None:
+    """Fault injection for tests: ``rank=R,step=S,marker=FILE`` exits worker R at global step S, once."""
+    if not fault:
+        return
+    spec = dict(kv.split("=", 1) for kv in fault.split(","))
+    marker = spec["marker"]
+    if int(spec["rank"]) == rank and int(spec["step"]) == step and not os.path.exists(marker):
+        open(marker, "w").close()
+        log.warning("fault injection: worker rank %d exits at step %d", rank, step)
+        os._exit(1)
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def save_train_state(directory: str, model, opt, sched, config: RunConfig, meta: dict, state: dict) -> None:
+    """A full resumable checkpoint folder: model.pt/meta.json/config.yaml + train_state.pt."""
+    save_model_files(directory, model, config, meta)
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+                **state}, os.path.join(directory, STATE_FILE))
+
+
+def load_train_state(directory: str, model, opt, sched) -> dict:
+    """Restore model/optimizer/scheduler from a checkpoint folder; returns the rest (epoch, step, history...)."""
+    target = getattr(model, "module", model)
+    target.load_state_dict(torch.load(os.path.join(directory, "model.pt"), map_location="cpu", weights_only=True))
+    state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=False)
+    opt.load_state_dict(state.pop("optimizer"))
+    sched.load_state_dict(state.pop("scheduler"))
+    return state
+
+
+def _val_arrays(loop_cfg: dict, config: RunConfig) -> dict[str, np.ndarray] | None:
+    """The held-out validation subset (images, labels) as numpy, read once by rank 0."""
+    from ray.data import DataContext
+
+    from rayhash.data import read_shards
+
+    DataContext.get_current().enable_progress_bars = False  # inside a worker: keep the logs readable
+    n = config.validation.subset
+    if not loop_cfg.get("val_source") or n <= 0:
+        return None
+    ds = read_shards(loop_cfg["val_source"], mode="eval", image_size=config.data.image_size).limit(n)
+    images, labels = [], []
+    for b in ds.select_columns(["image", "label"]).iter_batches(batch_size=256, batch_format="numpy"):
+        images.append(np.asarray(b["image"], np.float32))
+        labels.append(np.asarray(b["label"], np.int64))
+    if not images:
+        return None
+    return {"image": np.concatenate(images), "label": np.concatenate(labels)}
+
+
+@torch.no_grad()
+def validate(model, val: dict[str, np.ndarray], similarity: np.ndarray, k: int, device) -> dict[str, float]:
+    """mAHP@k and mAP of binary codes (Hamming) and continuous z (L1, = scaled Hamming on corners), all-vs-all
+    with the query left out of its own ranking; ``gap`` = continuous - binary."""
+    from rayhash.metrics import hamming_distances, mean_average_hierarchical_precision, pack_codes
+
+    model.eval()
+    zs = [model(torch.from_numpy(val["image"][i:i + 256]).to(device))[0].float().cpu()
+          for i in range(0, len(val["image"]), 256)]
+    z = torch.cat(zs)
+    labels = val["label"]
+    n = len(labels)
+    idx = np.arange(n)
+    packed = pack_codes(z.numpy())
+    d_bin = hamming_distances(packed, packed)
+    d_cont = torch.cdist(z, z, p=1).numpy()
+    k = min(k, n - 1)
+    out = {}
+    for name, dist in (("binary", d_bin), ("continuous", d_cont)):
+        out[f"val_mAHP@{k}_{name}"] = float(mean_average_hierarchical_precision(
+            dist, labels, labels, similarity, k=k, query_db_index=idx))
+        out[f"val_mAP_{name}"] = _mean_average_precision(dist, labels)
+    out["val_gap"] = out[f"val_mAHP@{k}_continuous"] - out[f"val_mAHP@{k}_binary"]
+    out.update({f"val_{key}": v for key, v in code_stats(z).items()})
+    model.train()
+    return out
+
+
+def _mean_average_precision(dist: np.ndarray, labels: np.ndarray) -> float:
+    from rayhash.metrics import mean_average_precision
+
+    return float(mean_average_precision(dist, labels, labels, query_db_index=np.arange(len(labels))))
+
+
+def _reduce_mean(sums: dict[str, float], count: int, device) -> dict[str, float]:
+    """Average per-step sums over steps and workers."""
+    import torch.distributed as dist
+
+    keys = sorted(sums)
+    t = torch.tensor([sums[k] for k in keys] + [count], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return {k: float(v) / max(1.0, float(t[-1])) for k, v in zip(keys, t[:-1].tolist())}
+
+
+def train_loop_per_worker(loop_cfg: dict[str, Any]) -> list[dict]:
+    """Ray Train entry point (each worker). ``loop_cfg``: config (dict), num_classes, steps_per_epoch,
+    similarity, val_source, metrics_path, meta, fault, tensorboard_dir."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    config = RunConfig.model_validate(loop_cfg["config"])
+    t = config.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    steps_per_epoch = int(loop_cfg["steps_per_epoch"])
+    local_bs = t.batch_size // world
+    similarity = loop_cfg.get("similarity")
+    _seed(t.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
+    model, opt, sched, loss_fn = build_training(config, loop_cfg["num_classes"], steps_per_epoch, similarity)
+    loss_fn.to(device)
+    model = ray.train.torch.prepare_model(model)
+    autocast = device.type == "cuda" and t.mixed_precision
+
+    start_epoch, step, history = 0, 0, []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            state = load_train_state(d, model, opt, sched)
+        start_epoch, step, history = state["epoch"] + 1, state["step"], state.get("history", [])
+        if rank == 0:
+            log.info("resumed from checkpoint after epoch %d (step %d)", state["epoch"], step)
+        _trace(loop_cfg, f"restore-rank{rank}-{time.time_ns()}", {"epoch": state["epoch"], "step": step,
+               **_state_fingerprint(model, opt)})
+
+    val = _val_arrays(loop_cfg, config) if rank == 0 and similarity is not None else None
+    writer = _tensorboard(loop_cfg.get("tensorboard_dir")) if rank == 0 else None
+    shard = ray.train.get_dataset_shard("train")
+    gen = torch.Generator(device=device)
+    tracing = bool(loop_cfg.get("trace_dir"))
+    for epoch in range(start_epoch, t.epochs):
+        _seed(t.seed + 1000 * epoch + rank)  # reproducible per epoch regardless of resume
+        model.train()
+        sums: dict[str, float] = {}
+        seen: list[int] = []
+        n_steps, t0 = 0, time.perf_counter()
+        batches = shard.iter_torch_batches(batch_size=local_bs, drop_last=True, device=device,
+                                           local_shuffle_buffer_size=config.data.shuffle_buffer or None,
+                                           local_shuffle_seed=t.seed + 1000 * epoch + rank)
+        for batch in batches:
+            if n_steps >= steps_per_epoch:
+                break
+            _maybe_fail(loop_cfg.get("fault"), rank, step)
+            gen.manual_seed(t.seed * 1_000_003 + step)  # same KL target sample on every rank
+            total, terms, z = loss_step(model, loss_fn, batch, config, gen, autocast)
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            n_steps += 1
+            if tracing:
+                seen.extend(batch["label"].tolist())
+            for key, v in {**{k: float(v) for k, v in terms.items()}, **code_stats(z.detach())}.items():
+                sums[key] = sums.get(key, 0.0) + v
+        metrics = {"epoch": epoch, "step": step, "lr": sched.get_last_lr()[0], **_reduce_mean(sums, n_steps, device),
+                   "steps_per_s": n_steps / max(1e-9, time.perf_counter() - t0), "workers": world}
+        _trace(loop_cfg, f"epoch{epoch}-rank{rank}", {"labels": seen,
+                                                      "node": ray.get_runtime_context().get_node_id()})
+        last = epoch == t.epochs - 1
+        if val is not None and (last or (epoch + 1) % config.validation.every == 0):
+            metrics.update(validate(getattr(model, "module", model), val, similarity, config.validation.k, device))
+        history = [h for h in history if h["epoch"] < epoch] + [metrics]
+        if rank == 0:
+            log.info("epoch %d/%d: %s", epoch + 1, t.epochs,
+                     " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+            _write_history(loop_cfg.get("metrics_path"), history)
+            if writer:
+                for k, v in metrics.items():
+                    writer.add_scalar(k, v, epoch)
+        save = last or (epoch + 1) % t.checkpoint_every == 0
+        with tempfile.TemporaryDirectory(prefix="rayhash-ckpt-") as tmp:
+            checkpoint = None
+            if save and rank == 0:
+                meta = {**loop_cfg.get("meta", {}), "epoch": epoch, "step": step}
+                save_train_state(tmp, model, opt, sched, config, meta,
+                                 {"epoch": epoch, "step": step, "history": history})
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+    if writer:
+        writer.close()
+    return history
+
+
+def _write_history(path: str | None, history: list[dict]) -> None:
+    import json
+
+    if path:
+        storage.write_bytes(path, "".join(json.dumps(h) + "\n" for h in history).encode())
+
+
+def _state_fingerprint(model, opt) -> dict[str, float]:
+    """Float64 sums of all parameters and optimizer moments (to check exact restores)."""
+    params = sum(float(p.detach().double().sum()) for p in model.parameters())
+    moments = sum(float(v.double().sum()) for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+    return {"params": params, "optimizer": moments}
+
+
+def _trace(loop_cfg: dict, name: str, obj: dict) -> None:
+    """Test instrumentation: with $RAYHASH_TRAIN_TRACE=DIR at launch, workers write what they saw there."""
+    import json
+
+    if loop_cfg.get("trace_dir"):
+        storage.write_json(storage.join(loop_cfg["trace_dir"], name + ".json"), obj)
+
+
+def _tensorboard(logdir: str | None):
+    if not logdir:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard not installed: JSON lines only
+        log.info("train.tensorboard is on but tensorboard is not installed (pip install rayhash[tracking])")
+        return None
+    return SummaryWriter(logdir)

@@ -1,0 +1,140 @@
+"""Ray Data encoding of real CIFAR-100 shards -> code shards -> sharded index -> queries, resume, corrupt inputs."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rayhash.index import ShardedIndex, build_index, read_code_file, read_codes
+
+
+def tar_samples(path) -> dict[str, bytes]:
+    """key -> image bytes of a WebDataset tar, read with tarfile (independent of the data stage)."""
+    out = {}
+    with tarfile.open(path) as tf:
+        for m in tf:
+            key, _, ext = m.name.partition(".")
+            if ext in ("png", "jpg", "jpeg", "webp"):
+                out[key] = tf.extractfile(m).read()
+    return out
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory, data_cifar_small, index_tiny_checkpoint, ray_local):
+    from rayhash.encode import encode_dataset
+
+    out = tmp_path_factory.mktemp("encode") / "codes"
+    summary = encode_dataset(index_tiny_checkpoint, str(data_cifar_small / "train"), str(out), batch_size=100)
+    return out, summary
+
+
+def test_encode_writes_one_code_shard_per_input_tar(encoded, data_cifar_small, index_tiny_checkpoint):
+    from rayhash.model import Encoder
+
+    out, summary = encoded
+    tars = sorted((data_cifar_small / "train").glob("*.tar"))
+    assert summary["bits"] == 32 and summary["count"] == 1000 and summary["skipped_corrupt"] == 0
+    assert json.loads((out / "codes.json").read_text()) == summary
+    assert [s["file"] for s in summary["shards"]] == [f"codes-{i:05d}.parquet" for i in range(len(tars))]
+    encoder = Encoder(index_tiny_checkpoint, device="cpu")
+    for i, tar in enumerate(tars):
+        samples = tar_samples(tar)
+        t = read_code_file(str(out / f"codes-{i:05d}.parquet"))
+        assert list(t.keys) == list(samples)  # the tar's samples, in tar order, nothing else
+        pick = list(range(0, len(t), 50))
+        direct = encoder.encode_images([Image.open(io.BytesIO(samples[t.keys[j]])) for j in pick])[1]
+        np.testing.assert_array_equal(t.codes[pick], direct)
+    with tarfile.open(tars[0]) as tf:
+        cls = {m.name.split(".")[0]: int(tf.extractfile(m).read()) for m in tf if m.name.endswith(".cls")}
+    t0 = read_code_file(str(out / "codes-00000.parquet"))
+    assert [cls[k] for k in t0.keys] == t0.labels.tolist()
+
+
+def test_encode_build_query_round_trip(encoded, data_cifar_small, index_tiny_checkpoint, tmp_path, capsys):
+    from rayhash.cli import main
+
+    out, _ = encoded
+    index_dir = tmp_path / "index"
+    m = build_index(str(out), index_dir, shards=3)
+    assert m["checkpoint"] == index_tiny_checkpoint and m["label_names"][0] == "apple"
+    samples = tar_samples(sorted((data_cifar_small / "train").glob("*.tar"))[2])
+    keys = list(samples)[:4]
+    table = read_codes(out)
+    with ShardedIndex.open(index_dir, checkpoint=index_tiny_checkpoint) as index:
+        queries = index.encode([Image.open(io.BytesIO(samples[k])) for k in keys])
+        res = index.search_images([Image.open(io.BytesIO(samples[k])) for k in keys], k=5)
+        same = index.range_search(queries, 0)
+        for i, key in enumerate(keys):
+            own = table.codes[list(table.keys).index(key)]
+            at_zero = int((np.unpackbits(own[None] ^ table.codes, axis=1).sum(1) == 0).sum())
+            np.testing.assert_array_equal(queries[i], own)
+            assert res.distances[i, 0] == 0 and key in set(same[i].keys) and len(same[i].keys) == at_zero
+            if at_zero <= 5:
+                assert key in set(res.keys[i, :at_zero])  # own key among the distance-0 hits
+    img = tmp_path / "q.png"
+    img.write_bytes(samples[keys[0]])
+    sheet = tmp_path / "sheet.png"
+    assert main(["query", "--index", str(index_dir), "--image", str(img), "--k", "3",
+                 "--contact-sheet", str(sheet)]) == 0
+    text = capsys.readouterr().out
+    first = [line.split() for line in text.splitlines() if line.strip().startswith("1 ")][0]
+    assert first[1] == "0" and Image.open(sheet).size[0] > 100
+
+
+def test_encode_resumes_only_missing_outputs(encoded, data_cifar_small, index_tiny_checkpoint, tmp_path):
+    from rayhash.encode import encode_dataset
+
+    full, summary = encoded
+    part = tmp_path / "codes"
+    shutil.copytree(full, part)
+    os.remove(part / "codes.json")
+    os.remove(part / "codes-00001.parquet")  # as if the run was killed before writing these
+    os.remove(part / "codes-00003.parquet")
+    (part / ".codes-00003.parquet.1a2b3c4d.tmp").write_bytes(b"half-written")
+    kept = {n: os.stat(part / n).st_mtime_ns for n in ("codes-00000.parquet", "codes-00002.parquet")}
+    again = encode_dataset(index_tiny_checkpoint, str(data_cifar_small / "train"), str(part), batch_size=64)
+    assert {n: os.stat(part / n).st_mtime_ns for n in kept} == kept
+    assert sorted(os.listdir(part)) == sorted(os.listdir(full))  # stray temp removed, nothing extra
+    a, b = read_codes(full), read_codes(part)
+    np.testing.assert_array_equal(a.keys, b.keys)
+    np.testing.assert_array_equal(a.codes, b.codes)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert len(set(b.keys)) == 1000
+    assert [s["count"] for s in again["shards"]] == [s["count"] for s in summary["shards"]]
+
+
+def test_encode_counts_and_skips_corrupt_samples(tmp_path, data_cifar_small, index_tiny_checkpoint, ray_local):
+    from rayhash.encode import encode_dataset
+
+    src = sorted((data_cifar_small / "test").glob("*.tar"))[-1]
+    bad = tmp_path / "bad" / "test-000000.tar"
+    bad.parent.mkdir()
+    broken = []
+    with tarfile.open(src) as tin, tarfile.open(bad, "w") as tout:
+        for m in tin:
+            data = tin.extractfile(m).read()
+            if m.name.endswith(".png") and len(broken) < 2:
+                data, _ = b"\x89PNG garbage" + data[:20], broken.append(m.name.split(".")[0])
+            m.size = len(data)
+            tout.addfile(m, io.BytesIO(data))
+    n = len(tar_samples(src))
+    out = tmp_path / "codes"
+    summary = encode_dataset(index_tiny_checkpoint, [str(bad)], str(out), batch_size=32)
+    assert summary["skipped_corrupt"] == 2 and summary["count"] == n - 2
+    keys = set(read_codes(out).keys)
+    assert not keys & set(broken) and len(keys) == n - 2
+
+
+def test_encode_refuses_outputs_of_another_input(encoded, data_cifar_small, index_tiny_checkpoint, tmp_path):
+    from rayhash.encode import encode_dataset
+
+    out = tmp_path / "codes"
+    shutil.copytree(encoded[0], out)
+    with pytest.raises(ValueError, match=r"codes-00000\.parquet: encoded from train-000000\.tar.*empty --out"):
+        encode_dataset(index_tiny_checkpoint, str(data_cifar_small / "test"), str(out))

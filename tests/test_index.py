@@ -1,0 +1,200 @@
+"""Sharded FAISS binary indices against numpy brute force: exact top-k with key tie-break, range search, index
+types, append, verification errors, CLI."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from fixtures_index import index_random_table, index_write_code_dir
+
+from rayhash.index import ShardedIndex, build_index, read_codes, write_codes
+
+
+def brute_distances(q: np.ndarray, db: np.ndarray) -> np.ndarray:
+    return np.unpackbits(q[:, None, :] ^ db[None, :, :], axis=2).sum(axis=2)
+
+
+def brute_topk(q, db, keys, k):
+    """Indices of the k nearest by (distance, key), independent of FAISS."""
+    dist = brute_distances(q, db)
+    order = np.array([sorted(range(len(db)), key=lambda j: (dist[r, j], keys[j]))[:k] for r in range(len(q))])
+    return order, np.take_along_axis(dist, order, axis=1)
+
+
+def assert_same_topk(res, keys, labels, order, dist):
+    np.testing.assert_array_equal(res.distances, dist)
+    np.testing.assert_array_equal(res.keys, keys[order])
+    np.testing.assert_array_equal(res.labels, labels[order])
+
+
+@pytest.fixture(scope="module")
+def queries(index_random_codes):
+    _, keys, codes, _ = index_random_codes
+    rng = np.random.default_rng(1)
+    fresh = np.packbits((rng.random((12, 16)) < 0.15).astype(np.uint8), axis=1)
+    return np.concatenate([codes[:8], fresh])  # database members (distance 0 to themselves) and new codes
+
+
+def test_codes_parquet_roundtrip_and_schema(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    keys, codes, labels = index_random_table(n=50, bits=24)
+    index_write_code_dir(tmp_path, keys, codes, labels, files=2)
+    t = read_codes(tmp_path)
+    assert t.bits == 24 and t.codes.dtype == np.uint8
+    np.testing.assert_array_equal(t.codes, codes)
+    np.testing.assert_array_equal(t.keys, keys)
+    np.testing.assert_array_equal(t.labels, labels)
+    schema = pq.read_schema(tmp_path / "codes-00000.parquet")
+    assert schema.field("code").type == pa.binary(3) and schema.field("label").type == pa.int32()
+    write_codes(str(tmp_path / "codes-00002.parquet"), keys[:3], np.zeros((3, 4), np.uint8), labels[:3])
+    with pytest.raises(ValueError, match="different code widths"):
+        read_codes(tmp_path)
+
+
+@pytest.mark.parametrize("shards", [1, 3, 7])
+@pytest.mark.parametrize("mode", ["local", "ray"])
+def test_sharded_search_equals_brute_force(index_flat_indices, index_random_codes, queries, shards, mode):
+    _, keys, codes, labels = index_random_codes
+    k = 37  # large enough that the k-th distance is a big tie group that straddles shards
+    order, dist = brute_topk(queries, codes, keys, k)
+    assert (dist[:, -1:] == dist[:, -2:-1]).mean() > 0.5  # the test really exercises tie-breaking
+    with ShardedIndex.open(index_flat_indices[shards], mode=mode, actors=2) as index:
+        assert index.ntotal == len(codes) and index.bits == 16 and index.num_shards == shards
+        res = index.search(queries, k)
+        assert_same_topk(res, keys, labels, order, dist)
+        assert (res.distances[:8, 0] == 0).all()
+        rr = index.range_search(queries, 2)
+        full = brute_distances(queries, codes)
+        for i in range(len(queries)):
+            want = sorted((int(full[i, j]), keys[j]) for j in np.flatnonzero(full[i] <= 2))
+            assert list(zip(rr[i].distances.tolist(), rr[i].keys.tolist())) == want
+        np.testing.assert_array_equal(index.label_counts(), np.bincount(labels))
+        assert sorted(index.keys()) == sorted(keys)
+
+
+def test_k_larger_than_database_pads(index_flat_indices, index_random_codes):
+    _, keys, codes, labels = index_random_codes
+    small = codes[:1]
+    with ShardedIndex.open(index_flat_indices[3]) as index:
+        res = index.search(small, len(codes) + 5)
+    assert (res.distances[0, -5:] == -1).all() and all(k is None for k in res.keys[0, -5:])
+    order, dist = brute_topk(small, codes, keys, len(codes))
+    np.testing.assert_array_equal(res.keys[0, :len(codes)], keys[order[0]])
+
+
+def test_index_types_against_brute_force(tmp_path, index_random_codes, queries, ray_local):
+    codes_dir, keys, codes, labels = index_random_codes
+    full = brute_distances(queries, codes)
+    # ivf scanning all lists is exact k-NN
+    build_index(codes_dir, tmp_path / "ivf", index_type="ivf", shards=3, nlist=8)
+    with ShardedIndex.open(tmp_path / "ivf", nprobe=8) as index:
+        order, dist = brute_topk(queries, codes, keys, 20)
+        assert_same_topk(index.search(queries, 20), keys, labels, order, dist)
+    # hash and multihash: exact Hamming-radius lookups; k-NN hits are true distances in (distance, key) order
+    for kind, params in (("hash", {"hash_bits": 8, "nflip": 1}), ("multihash", {"nhash": 2, "hash_bits": 8})):
+        build_index(codes_dir, tmp_path / kind, index_type=kind, shards=3, **params)
+        with ShardedIndex.open(tmp_path / kind) as index:
+            for radius in (0, 1, 3):
+                rr = index.range_search(queries, radius)
+                for i in range(len(queries)):
+                    want = sorted((int(full[i, j]), keys[j]) for j in np.flatnonzero(full[i] <= radius))
+                    assert list(zip(rr[i].distances.tolist(), rr[i].keys.tolist())) == want, (kind, radius)
+            res = index.search(queries, 10)
+            key_pos = {k: j for j, k in enumerate(keys)}
+            for i in range(len(queries)):
+                hits = [(d, k) for d, k in zip(res.distances[i], res.keys[i]) if k is not None]
+                assert hits == sorted(hits)
+                assert all(full[i, key_pos[k]] == d for d, k in hits)
+            assert (res.distances[:8, 0] == 0).all()
+
+
+def test_append_adds_new_shards_only(tmp_path, ray_local):
+    keys, codes, labels = index_random_table(n=600, seed=5)
+    a, b = tmp_path / "codes_a", tmp_path / "codes_b"
+    a.mkdir(), b.mkdir()
+    index_write_code_dir(a, keys[:400], codes[:400], labels[:400], files=2)
+    index_write_code_dir(b, keys[400:], codes[400:], labels[400:], files=1)
+    out = tmp_path / "idx"
+    build_index(str(a), out, shards=2)
+    before = {p: os.stat(out / p).st_mtime_ns for p in os.listdir(out) if p.startswith("shard-")}
+    with pytest.raises(FileExistsError, match="--append"):
+        build_index(str(b), out, shards=1)
+    m = build_index(str(b), out, shards=1, append=True)
+    assert [s["count"] for s in m["shards"]] == [200, 200, 200] and m["ntotal"] == 600
+    assert {p: os.stat(out / p).st_mtime_ns for p in before} == before
+    assert build_index(str(b), out, shards=1, append=True)["shards"] == m["shards"]  # already indexed: no-op
+    q = codes[395:405]
+    order, dist = brute_topk(q, codes, keys, 15)
+    with ShardedIndex.open(out) as index:
+        assert_same_topk(index.search(q, 15), keys, labels, order, dist)
+
+
+def _copy_index(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_corrupted_shard_file_is_named(tmp_path, index_flat_indices, ray_local):
+    idx = _copy_index(index_flat_indices[3], tmp_path / "idx")
+    target = idx / "shard-00001.faiss"
+    data = bytearray(target.read_bytes())
+    data[-3] ^= 0xFF
+    target.write_bytes(bytes(data))
+    for mode in ("local", "ray"):
+        with pytest.raises(ValueError, match=r"shard-00001\.faiss: sha256 does not match.*corrupted.*rebuild"):
+            ShardedIndex.open(idx, mode=mode)
+    os.remove(idx / "shard-00002.ids.parquet")
+    with pytest.raises(FileNotFoundError, match=r"shard-00002\.ids\.parquet.*missing"):
+        ShardedIndex.open(idx, verify=False)
+
+
+def test_manifest_of_other_width_is_rejected(tmp_path, index_flat_indices):
+    idx = _copy_index(index_flat_indices[1], tmp_path / "idx")
+    m = json.loads((idx / "manifest.json").read_text())
+    m["bits"] = 32
+    (idx / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=r"shard-00000\.faiss: holds 16-bit codes but manifest.json says bits=32"):
+        ShardedIndex.open(idx)
+    m["bits"] = 12
+    (idx / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="bits.*not a positive multiple of 8"):
+        ShardedIndex.open(idx)
+
+
+def test_query_of_wrong_byte_length(index_flat_indices):
+    with ShardedIndex.open(index_flat_indices[1]) as index:
+        with pytest.raises(ValueError, match=r"queries have 4 bytes per code, index expects 2 \(16 bits / 8\)"):
+            index.search(np.zeros((3, 4), np.uint8), 5)
+        with pytest.raises(ValueError, match="dtype uint8"):
+            index.search(np.zeros((3, 2), np.int64), 5)
+
+
+def test_missing_index_and_codes_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a rayhash index"):
+        ShardedIndex.open(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no code shards"):
+        build_index(str(tmp_path), tmp_path / "idx")
+
+
+def test_cli_build_and_query_by_key(tmp_path, index_random_codes, capsys, ray_local):
+    from rayhash.cli import main
+
+    codes_dir, keys, codes, labels = index_random_codes
+    out = str(tmp_path / "idx")
+    assert main(["index", "build", "--codes", codes_dir, "--out", out, "--shards", "2"]) == 0
+    assert "2 shards, 1500 codes" in capsys.readouterr().out
+    assert main(["query", "--index", out, "--key", keys[3], keys[7], "--k", "5"]) == 0
+    text = capsys.readouterr().out
+    order, dist = brute_topk(codes[[3, 7]], codes, keys, 5)
+    blocks = text.split(f"query {keys[7]}")
+    for block, o, d in zip(blocks, order, dist):
+        rows = [line.split() for line in block.splitlines() if line.strip()[:1].isdigit()]
+        assert [r[2] for r in rows] == list(keys[o]) and [int(r[1]) for r in rows] == list(d)
+        assert [r[3] for r in rows] == [str(labels[j]) for j in o]  # no label names recorded: the label ids
+    assert main(["query", "--index", out, "--key", "no-such-key"]) == 2
+    assert "no-such-key" in capsys.readouterr().err
