@@ -43,7 +43,7 @@ def ray_epochs(split: str, args):
                      shuffle_buffer=args.shuffle_buffer)
     while True:
         t, n = time.perf_counter(), 0
-        for batch in ds.iter_torch_batches(batch_size=args.batch_size, collate_fn=collate_torch):
+        for batch in ds.iter_torch_batches(batch_size=args.batch_size, collate_fn=collate_torch, prefetch_batches=4):
             n += len(batch["label"])
         yield n / (time.perf_counter() - t)
 

@@ -37,8 +37,7 @@ def _batches(args):
 
 
 def plain_loop(config, images, labels, S, num_classes, epochs):
-    """Single process: the same build_training / loss_step as the workers; returns steps/s per epoch and the
-    time split (total step vs hashing-loss forward)."""
+    """Single process: the same build_training / loss_step as the workers; returns steps/s per epoch."""
     import torch
 
     from rayhash.train import build_training, loss_step
@@ -47,7 +46,7 @@ def plain_loop(config, images, labels, S, num_classes, epochs):
     torch.manual_seed(config.train.seed)
     model, opt, sched, loss_fn = build_training(config, num_classes, steps, S)
     bs = config.train.batch_size
-    rates, loss_time, total_time = [], 0.0, 0.0
+    rates = []
     gen = torch.Generator()
     for _ in range(epochs):
         t0 = time.perf_counter()
@@ -55,13 +54,11 @@ def plain_loop(config, images, labels, S, num_classes, epochs):
             x = torch.from_numpy(images[i * bs:(i + 1) * bs])
             y = torch.from_numpy(labels[i * bs:(i + 1) * bs])
             gen.manual_seed(i)
-            s0 = time.perf_counter()
             total, _, _ = loss_step(model, loss_fn, {"image": x, "label": y}, config, gen)
             opt.zero_grad()
             total.backward()
             opt.step()
             sched.step()
-            total_time += time.perf_counter() - s0
         rates.append(steps / (time.perf_counter() - t0))
     return rates
 
@@ -116,7 +113,7 @@ def ray_loop(config, images, labels, S, num_classes, workdir):
     wall = time.perf_counter() - t0
     if result.error:
         raise result.error
-    return [h["steps_per_s"] for h in result.return_value], wall
+    return [h["steps_per_s"] for h in result.return_value], wall, result.return_value[-1]["data_wait_s"]
 
 
 def main() -> None:
@@ -144,14 +141,15 @@ def main() -> None:
                              "train.checkpoint_every=1000", "validation.subset=0"])
     plain = plain_loop(cfg, images, labels, S, C, args.epochs)
     with tempfile.TemporaryDirectory() as work:
-        ray_rates, wall = ray_loop(cfg, images, labels, S, C, work)
+        ray_rates, wall, wait = ray_loop(cfg, images, labels, S, C, work)
     share = loss_share(cfg, images, labels, S, C)
     best = lambda r: max(r[1:] or r)  # noqa: E731 - steady state: skip the warm-up epoch
     print(f"model {args.backbone} {args.bits} bits, batch {args.batch_size}, {args.steps} steps x {args.epochs} epochs")
     print(f"plain PyTorch loop : {best(plain):7.2f} steps/s  (per epoch {[round(r, 2) for r in plain]})")
     print(f"Ray Train, 1 worker: {best(ray_rates):7.2f} steps/s  (per epoch {[round(r, 2) for r in ray_rates]}; "
           f"fit() wall {wall:.1f}s incl. startup)")
-    print(f"ratio Ray/plain    : {best(ray_rates) / best(plain):.3f}  (goal >= 0.9)")
+    print(f"ratio Ray/plain    : {best(ray_rates) / best(plain):.3f}  (goal >= 0.9); Ray worker waited "
+          f"{wait * 1e3:.1f} ms/step on the input pipeline (last epoch)")
     print(f"step time: full loss {share['full'] * 1e3:.1f} ms, CE only {share['ce_only'] * 1e3:.1f} ms, "
           f"hashing losses alone (fwd+bwd) {share['losses_only'] * 1e3:.2f} ms")
     print(f"share of step time in hashing losses: {max(0.0, 1 - share['ce_only'] / share['full']):.3f} "

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# A real multi-node Ray cluster on one machine, on loopback: one head + N worker nodes (separate raylets,
-# object stores and port ranges), for trying `rayhash submit` and multi-node Ray Train/Data without a cloud.
+# A real multi-node Ray cluster on one machine: one head + N worker nodes (separate raylets, object stores and
+# port ranges), for trying `rayhash submit` and multi-node Ray Train/Data without a cloud. The dashboard / Jobs API
+# listens on 127.0.0.1 only (Ray advertises the machine's own IP for node addresses; use RAYHASH_LOCAL_TOKEN on
+# shared hosts).
 #
 #   cluster/local.sh up [N_WORKERS]     start the head and N worker nodes (default 1), print the addresses
 #   cluster/local.sh down               stop exactly the nodes this script started (never `ray stop`)
-#   cluster/local.sh status             show whether they run, and `ray status`
+#   cluster/local.sh status             show whether they run and how many nodes are alive
 #
 # Settings (environment):
 #   RAYHASH_LOCAL_PORT=26380        base port: GCS = base, dashboard/Jobs API = base+1, node ports above it
@@ -14,6 +16,7 @@
 #   RAYHASH_LOCAL_OBJECT_STORE=512000000   object store bytes per node
 #   RAYHASH_LOCAL_TOKEN=<secret>    turn on Ray token authentication (RAY_AUTH_MODE=token) with this token;
 #                                   clients then need it: `rayhash submit --token-file <dir>/auth_token ...`
+#   RAYHASH_LOCAL_WAIT_S=180 / RAYHASH_LOCAL_STOP_GRACE_S=10   start timeout / SIGTERM grace before SIGKILL
 #   RAYHASH_RAY=<path to ray>       default: .venv/bin/ray of this checkout, else `ray` on PATH
 # The nodes run with this checkout's Python first on PATH, so Ray jobs' `python jobs/<stage>.py` has rayhash's deps.
 set -euo pipefail
@@ -28,6 +31,7 @@ HEAD_CPUS="${RAYHASH_LOCAL_HEAD_CPUS:-$CPUS}"
 OBJECT_STORE="${RAYHASH_LOCAL_OBJECT_STORE:-512000000}"
 DASHBOARD_PORT=$((PORT + 1))
 WAIT_S="${RAYHASH_LOCAL_WAIT_S:-180}"
+STOP_GRACE_S="${RAYHASH_LOCAL_STOP_GRACE_S:-10}"
 
 die() { echo "local.sh: error: $*" >&2; exit 1; }
 
@@ -126,13 +130,26 @@ do_up() {
   echo "  stop:   $0 down"
 }
 
+stop_group() {  # stop_group PID... : SIGTERM those nodes' process groups, SIGKILL what is left after the grace time
+  local pid t=0
+  for pid in "$@"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
+  while ((t < STOP_GRACE_S)); do
+    local left=0
+    for pid in "$@"; do kill -0 "$pid" 2>/dev/null && left=1; done
+    ((left)) || break
+    sleep 1; ((t += 1))
+  done
+  for pid in "$@"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
+}
+
 do_down() {
-  local pids; pids="$(alive_pids)"
-  local pid
-  for pid in $pids; do kill -TERM -- "-$pid" 2>/dev/null || true; done
-  local t=0
-  while [[ -n "$(alive_pids)" ]] && ((t < 30)); do sleep 1; ((t += 1)); done
-  for pid in $pids; do kill -KILL -- "-$pid" 2>/dev/null || true; done
+  # Worker nodes first, then the head (a raylet whose GCS vanished first waits for it before exiting).
+  local workers=() f
+  for f in "$DIR"/node-*.pid; do
+    [[ -e "$f" && "$f" != "$DIR/node-0.pid" ]] && workers+=("$(cat "$f")")
+  done
+  ((${#workers[@]})) && stop_group "${workers[@]}"
+  [[ -e "$DIR/node-0.pid" ]] && stop_group "$(cat "$DIR/node-0.pid")"
   # Stragglers that left the process groups (Ray workers): only processes naming this cluster's temp dir.
   if [[ -d "$DIR/ray" ]]; then
     pkill -TERM -f -- "$DIR/ray/" 2>/dev/null || true
@@ -154,5 +171,5 @@ case "${1:-}" in
   up) do_up "${2:-${RAYHASH_LOCAL_WORKERS:-1}}" ;;
   down) do_down ;;
   status) do_status ;;
-  *) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

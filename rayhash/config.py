@@ -26,7 +26,7 @@ class DataConfig(_Section):
     val_split: str | None = "test"  # held-out split for validation mAHP; null = no validation
     image_size: int = Field(32, ge=8, le=1024)
     targets: Literal["hierarchy", "captions", "none"] = "hierarchy"
-    caption_embeddings: str | None = None  # Parquet from `rayhash data embed-captions`; default DS/caption_embeddings.parquet
+    caption_embeddings: str | None = None  # Parquet of `rayhash data embed-captions`; default DS/caption_embeddings.parquet
     shuffle_buffer: int = Field(2048, ge=0)  # per-worker local shuffle buffer (rows); 0 = no shuffle
 
 

@@ -33,19 +33,20 @@ def find_config(name_or_path: str) -> str:
 
 
 def convert(dataset: str, source: str | None, ds_dir: str, shard_size: int | None = None,
-            limit_per_class: int | None = None) -> None:
-    """Convert raw data into WebDataset shards (resumable: finished shards are kept)."""
+            limit: int | None = None) -> None:
+    """Convert raw data into WebDataset shards (resumable: finished shards are kept). ``limit`` caps images per
+    class (cifar100) or images (captions), for quick runs."""
     from rayhash import data
 
     kwargs = {"shard_size": shard_size} if shard_size else {}
     if dataset == "synthetic":
         data.convert_synthetic(ds_dir, **kwargs)
     elif dataset == "cifar100":
-        data.convert_cifar100(source, ds_dir, limit_per_class=limit_per_class, download=source is None, **kwargs)
+        data.convert_cifar100(source, ds_dir, limit_per_class=limit, download=source is None, **kwargs)
     elif dataset == "imagefolder":
         data.convert_imagefolder(_required(source, dataset), ds_dir, **kwargs)
     elif dataset == "captions":
-        data.convert_captions(_required(source, dataset), ds_dir, **kwargs)
+        data.convert_captions(_required(source, dataset), ds_dir, limit=limit, **kwargs)
     else:
         raise ValueError(f"unknown dataset {dataset!r}: choose synthetic, cifar100, imagefolder or captions")
 
@@ -57,7 +58,7 @@ def _required(source: str | None, dataset: str) -> str:
 
 
 def run_pipeline(out: str, *, dataset: str = "synthetic", source: str | None = None, config: str | None = None,
-                 overrides: list[str] = (), index_shards: int = 2, limit_per_class: int | None = None,
+                 overrides: list[str] = (), index_shards: int = 2, limit: int | None = None,
                  address: str | None = None) -> dict:
     """Run every stage into ``out`` (data/, run/, codes/, index/, eval/); returns the eval metrics."""
     from rayhash.config import load_config
@@ -71,7 +72,7 @@ def run_pipeline(out: str, *, dataset: str = "synthetic", source: str | None = N
     init_ray(address)
     paths = {name: os.path.join(out, name) for name in ("data", "run", "codes", "index", "eval")}
     log.info("[1/5] converting %s data into shards under %s", dataset, paths["data"])
-    convert(dataset, source, paths["data"], limit_per_class=limit_per_class)
+    convert(dataset, source, paths["data"], limit=limit)
     info = load_dataset_info(paths["data"])
     cfg_path = find_config(config or DEFAULT_CONFIGS[dataset])
     extra = [f"data.path={paths['data']}"]
@@ -83,7 +84,8 @@ def run_pipeline(out: str, *, dataset: str = "synthetic", source: str | None = N
     cfg = load_config(cfg_path, [*extra, *overrides])
     log.info("[2/5] training (%s) into %s", cfg_path, paths["run"])
     result = train(cfg, paths["run"], resume=os.path.isdir(paths["run"]))
-    db_split, query_split = cfg.data.train_split, cfg.data.val_split
+    db_split = cfg.data.train_split
+    query_split = cfg.data.val_split or next(s for s in info.splits if s != db_split)
     log.info("[3/5] encoding the %s split", db_split)
     encode_dataset(result.checkpoint, os.path.join(paths["data"], db_split), paths["codes"])
     log.info("[4/5] building a %d-shard binary index", index_shards)
@@ -104,7 +106,7 @@ def results_table(metrics: dict) -> str:
 def _run(args: argparse.Namespace) -> int:
     metrics = run_pipeline(args.out, dataset=args.dataset, source=args.data, config=args.config,
                            overrides=args.overrides, index_shards=args.index_shards,
-                           limit_per_class=args.limit_per_class, address=args.address)
+                           limit=args.limit, address=args.address)
     print(f"\nrayhash results ({args.dataset}):\n{results_table(metrics)}")
     eval_dir = os.path.join(args.out, "eval")
     print(f"\nreport: {os.path.join(eval_dir, 'metrics.json')}")
@@ -125,7 +127,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--config", default=None, help="YAML config (default: per dataset, e.g. configs/demo.yaml)")
         p.add_argument("--out", default=f"runs/{name}", help="output folder (default: %(default)s)")
         p.add_argument("--index-shards", type=int, default=2, help="index shards (default: %(default)s)")
-        p.add_argument("--limit-per-class", type=int, default=None, help="cap images per class when converting")
+        p.add_argument("--limit", type=int, default=None,
+                       help="cap images per class (cifar100) or images (captions) when converting")
         p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
         p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train.epochs=3")
         p.set_defaults(func=_run)

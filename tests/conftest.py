@@ -45,7 +45,7 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
                  object_store_memory=1 << 30, runtime_env={"env_vars": {"RAYHASH_PROGRESS": "0"}})
     yield ray
 

@@ -4,8 +4,8 @@ Separate from the session's ``ray_local``: its own ports (a free range) and its 
 subprocesses, always torn down with ``cluster/local.sh down`` (only its own nodes).
 
     def test_x(cluster_local):          # module-scoped: one cluster per test module, 1 worker node
-        rc = cluster_local.rayhash("submit", "convert", "synthetic", "--out", str(ds))
-    cluster_local_token                 # the same with Ray token authentication on
+        r = cluster_local.rayhash("submit", "convert", "synthetic", "--out", str(ds))  # CompletedProcess
+    cluster_local_token                 # the same with Ray token authentication on (rayhash() passes it)
     with local_cluster(workers=2, token="...") as c: ...   # any other shape
 """
 from __future__ import annotations
@@ -109,13 +109,22 @@ def local_cluster(workers: int = 1, token: str | None = None, cpus: int = 4) -> 
                     RAYHASH_LOCAL_WAIT_S="150", **({"RAYHASH_LOCAL_TOKEN": token} if token else {}))
     cluster = LocalCluster(port=port, dir=tmp, workers=workers, token=token, env=env)
     try:
-        up = cluster.local_sh("up", str(workers))
-        if up.returncode != 0:
-            raise RuntimeError(f"cluster/local.sh up failed ({up.returncode}):\n{up.stdout}\n{up.stderr}")
+        try:
+            up = cluster.local_sh("up", str(workers), timeout=300)
+            failed = f"exit status {up.returncode}:\n{up.stdout}\n{up.stderr}" if up.returncode else ""
+        except subprocess.TimeoutExpired:
+            failed = "timed out"
+        if failed:
+            logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(tmp.glob("node-*.log")))
+            raise RuntimeError(f"cluster/local.sh up failed, {failed}\n{logs}")
         yield cluster
     finally:
-        cluster.local_sh("down", timeout=120)
+        down = cluster.local_sh("down", timeout=120)
+        left = cluster.pids()
         shutil.rmtree(tmp, ignore_errors=True)
+    # Checked after the cluster's own tests: `down` must stop exactly and all of its nodes' processes.
+    if down.returncode != 0 or left:
+        raise RuntimeError(f"cluster/local.sh down failed ({down.returncode}, processes left: {left}): {down.stderr}")
 
 
 @pytest.fixture(scope="module")

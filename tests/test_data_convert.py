@@ -206,18 +206,23 @@ def test_resume_after_real_kill(tmp_path, ray_local):
     ds, clean = tmp_path / "killed", tmp_path / "clean"
     kw = dict(superclasses=2, classes_per_superclass=2, image_size=64, per_class={"train": 60, "test": 1},
               shard_size=8)
-    code = ("import ray, sys; ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False); "
+    # address="local": a private Ray instance (never attach to a cluster someone started with `ray start`);
+    # one CPU so that shards are written one after the other
+    code = ("import ray, sys; ray.init(address='local', num_cpus=1, include_dashboard=False, log_to_driver=False); "
             "from rayhash.data import convert_synthetic; "
             f"convert_synthetic(sys.argv[1], **{kw!r})")
+    log = open(tmp_path / "child.log", "wb")
     proc = subprocess.Popen([sys.executable, "-c", code, str(ds)], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "RAY_ADDRESS": ""})
+    deadline = time.time() + 180
     try:
         while time.time() < deadline and len(list((ds / "_progress").glob("train-*.json"))) < 2:
-            assert proc.poll() is None, "conversion ended before it could be killed"
+            if proc.poll() is not None:
+                pytest.fail("conversion ended before it could be killed:\n" + (tmp_path / "child.log").read_text()[-3000:])
             time.sleep(0.02)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     done = sorted((ds / "_progress").glob("train-*.json"))
     assert 2 <= len(done) < 30 and not (ds / "dataset.json").exists()

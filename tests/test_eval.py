@@ -69,3 +69,37 @@ def test_hierarchy_metrics_equal_naive_computation(tmp_path, ray_local, shards):
     np.testing.assert_allclose(per_query[f"P@r{RADIUS}"], ref["pr"], rtol=1e-6)
     assert metrics[f"mAHP@{K}"] == pytest.approx(ref["ahp"].mean())
     assert not np.allclose(ref["ahp"], ref["ahp_exp"])  # the case really has ties that matter
+
+
+@pytest.mark.slow
+def test_caption_targets_on_flickr8k_end_to_end(tmp_path, ray_local):
+    """Flickr8k captions -> shards -> caption embeddings -> training on caption targets -> index -> eval, and the
+    caption mAHP equals a naive computation from the written codes and embeddings."""
+    from conftest import shared
+    from rayhash.data.stream import load_caption_embeddings
+    from rayhash.index import read_codes
+    from rayhash.pipeline import run_pipeline
+
+    captions = shared("flickr8k-1k/captions.txt")
+    out = tmp_path / "cap"
+    metrics = run_pipeline(str(out), dataset="captions", source=str(captions), config="conceptual_captions",
+                           limit=300, index_shards=2,
+                           overrides=["model.backbone=tiny_cnn", "model.width=8", "model.bits=16",
+                                      "data.image_size=32", "train.epochs=1", "train.batch_size=32",
+                                      "train.num_workers=1", "train.cpus_per_worker=1",
+                                      "data.shuffle_buffer=64"])
+    assert metrics["targets"] == "captions"
+    q, db = read_codes(out / "eval" / "query_codes"), read_codes(out / "codes")
+    keys, emb = load_caption_embeddings(str(out / "data" / "caption_embeddings.parquet"))
+    row = {key: i for i, key in enumerate(keys)}
+    k = min(250, len(db))
+    qb, dbb = np.unpackbits(q.codes, axis=1), np.unpackbits(db.codes, axis=1)
+    ahps = []
+    for i in range(len(q)):
+        d = (qb[i][None, :] != dbb).sum(axis=1)
+        order = sorted(range(len(db)), key=lambda j: (d[j], db.keys[j]))
+        sims = np.array([max(0.0, float(emb[row[q.keys[i]]] @ emb[row[db.keys[j]]])) for j in order])
+        hp = np.cumsum(sims[:k]) / np.cumsum(np.sort(sims)[::-1][:k])
+        ahps.append((hp.sum() - (hp[0] + hp[-1]) / 2) / k)
+    assert metrics[f"mAHP@{k}"] == pytest.approx(np.mean(ahps), rel=1e-6)
+    assert 0 < metrics[f"mAHP@{k}"] < 1

@@ -3,6 +3,7 @@ pure helpers of rayhash.submit."""
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import tarfile
 import time
@@ -21,6 +22,20 @@ def test_stage_entrypoint_quotes_args_and_maps_stage_to_jobs_script():
         assert (S.PROJECT_ROOT / "jobs" / f"{script}.py").is_file(), stage
     with pytest.raises(ValueError, match="unknown stage 'trian'.*stages: convert"):
         S.stage_entrypoint("trian")
+
+
+@pytest.mark.parametrize("script,usage", [
+    ("convert", "rayhash data convert"), ("embed_captions", "rayhash data embed-captions"), ("train", "rayhash train"),
+    ("encode", "rayhash encode"), ("index", "rayhash index build"), ("eval", "rayhash eval"),
+    ("pipeline", "rayhash pipeline")])
+def test_jobs_scripts_run_their_stage_cli(script, usage, monkeypatch, capsys):
+    import runpy
+
+    monkeypatch.setattr("sys.argv", [f"jobs/{script}.py", "--help"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(S.PROJECT_ROOT / "jobs" / f"{script}.py"), run_name="__main__")
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: {usage} ")
 
 
 def test_job_env_forwards_rayhash_vars_but_not_secrets(monkeypatch):
@@ -71,14 +86,17 @@ def test_address_and_token_resolution(monkeypatch, tmp_path):
         S.resolve_token(token_file=tmp_path / "empty")
 
 
-# ---- against a real local cluster (head + 1 worker node) -----------------------------------------------------
+# ---- against a real local cluster: head + 1 worker node, token authentication on ---------------------------
+# One cluster for this module (start-up is the slow part); `cluster_local_token.rayhash(...)` runs the CLI in a
+# subprocess with a clean environment, the cluster's address and (unless token=False) its token file.
 
 @pytest.mark.slow
-def test_submit_stage_job_succeeds_and_streams_its_output(cluster_local, tmp_path):
+def test_submit_stage_job_succeeds_and_streams_its_output(cluster_local_token, tmp_path):
     ds = tmp_path / "ds"
-    r = cluster_local.rayhash("submit", "convert", "synthetic", "--out", str(ds), "--per-class", "2", "1")
+    r = cluster_local_token.rayhash("submit", "convert", "synthetic", "--out", str(ds), "--per-class", "2", "1")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "SUCCEEDED" in r.stderr
+    assert "SUCCEEDED" in r.stderr.strip().splitlines()[-1]
+    assert "jobs/convert.py synthetic" in r.stderr  # the entrypoint it ran
     info = json.loads((ds / "dataset.json").read_text())
     n_classes = len(info["label_names"])
     # Count the samples actually written, independently of the converter's own bookkeeping.
@@ -92,33 +110,48 @@ def test_submit_stage_job_succeeds_and_streams_its_output(cluster_local, tmp_pat
     assert counts == {"train": 2 * n_classes, "test": n_classes}
     # The job's own stdout came back through the log stream.
     assert f"train: {2 * n_classes} samples" in r.stdout
-    assert "jobs/convert.py synthetic" in r.stderr  # the entrypoint it ran
 
 
 @pytest.mark.slow
-def test_failing_job_is_reported_failed_with_its_error(cluster_local, tmp_path):
-    r = cluster_local.rayhash("submit", "train", "--config", "configs/demo.yaml", "--out", str(tmp_path / "run"),
-                              "model.no_such_field=3")
+def test_failing_job_is_reported_failed_with_its_error(cluster_local_token, tmp_path):
+    r = cluster_local_token.rayhash("submit", "train", "--config", "configs/demo.yaml",
+                                    "--out", str(tmp_path / "run"), "model.no_such_field=3")
     assert r.returncode == 1, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
-    assert "FAILED" in last and "model.no_such_field" in last, last
+    assert "FAILED" in last and "model.no_such_field: unknown key" in last, last
     assert not (tmp_path / "run" / "final").exists()
 
 
 @pytest.mark.slow
-def test_status_logs_and_stop_of_a_running_job(cluster_local):
-    cmd = "import time; print('rayhash-marker', flush=True); time.sleep(300)"
-    r = cluster_local.rayhash("submit", "--no-wait", "--raw", "--", "python", "-c", cmd)
-    assert r.returncode == 0, r.stderr[-3000:]
-    job_id = r.stdout.strip().splitlines()[-1]
-    assert job_id.startswith("raysubmit_")
-    deadline = time.monotonic() + 120
-    while "rayhash-marker" not in (logs := cluster_local.rayhash("logs", job_id).stdout):
-        assert time.monotonic() < deadline, logs
-        time.sleep(2)
-    assert cluster_local.rayhash("status", job_id).stdout.strip() == "RUNNING"
-    stop = cluster_local.rayhash("stop", "--wait", job_id)
-    assert stop.returncode == 0 and "STOPPED" in stop.stderr, stop.stderr
-    assert cluster_local.rayhash("status", job_id).stdout.strip() == "STOPPED"
-    missing = cluster_local.rayhash("status", "raysubmit_doesnotexist")
-    assert missing.returncode == 2 and "does not exist" in missing.stderr
+def test_status_logs_and_stop_of_a_running_job_on_two_nodes(cluster_local_token):
+    c = cluster_local_token
+    # Python API in this process (one connection: CLI start-up costs seconds on a loaded machine) ...
+    client = S.connect(c.address, token_file=c.token_file)
+    driver = ("import time, ray; ray.init(); print('nodes_alive', sum(n['Alive'] for n in ray.nodes()), "
+              "flush=True); time.sleep(300)")
+    job_id = S.submit(shlex.join(["python", "-c", driver]), client=client)
+    deadline = time.monotonic() + 150
+    while not (m := re.search(r"^nodes_alive (\d+)$", logs := S.logs(client, job_id), re.M)):
+        assert time.monotonic() < deadline, (S.job_result(client, job_id), logs)
+        time.sleep(1)
+    assert m.group(1) == "2"  # the job's driver sees the head and the worker node
+    assert S.job_result(client, job_id).status == "RUNNING"
+    # ... and the CLI to stop it.
+    stop = c.rayhash("stop", "--wait", job_id)
+    assert stop.returncode == 0 and f"job {job_id} STOPPED" in stop.stderr, stop.stderr
+    result = S.job_result(client, job_id)
+    assert result.status == "STOPPED" and result.exit_code == 1
+    with pytest.raises(ValueError, match="raysubmit_doesnotexist does not exist"):
+        S.job_result(client, "raysubmit_doesnotexist")
+
+
+@pytest.mark.slow
+def test_submit_without_or_with_a_wrong_token_is_refused_clearly(cluster_local_token, tmp_path):
+    c = cluster_local_token
+    # No token anywhere: clean environment, HOME without ~/.ray/auth_token.
+    r = c.rayhash("submit", "convert", "synthetic", "--out", str(tmp_path / "ds"), token=False, HOME=str(tmp_path))
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert "authentication failed" in r.stderr and "none was given" in r.stderr and "--token-file" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "ds").exists()
+    with pytest.raises(S.SubmitAuthError, match="token was rejected"):
+        S.connect(c.address, token="not-the-token")

@@ -63,8 +63,12 @@ def _convert(args) -> int:
     from rayhash import data
     from rayhash.runtime import init_ray
 
+    import os
+
     if args.kind != "synthetic" and not args.src:
         raise ValueError(f"`rayhash data convert {args.kind}` needs SRC (the source archive or folder)")
+    if args.src and not os.path.exists(args.src) and not args.download:
+        raise FileNotFoundError(f"{args.src}: not found (cifar100 can fetch it with --download when online)")
     init_ray(args.address)
     size = {"shard_size": args.shard_size} if args.shard_size else {}
     if args.kind == "cifar100":

@@ -1,4 +1,8 @@
-"""Image decoding and the train / eval transforms shared by training, encoding and queries."""
+"""Image decoding and the train / eval transforms shared by training, encoding and queries.
+
+The transforms are PIL + numpy (no torch in Ray Data workers: lighter, and immune to half-imported torch in
+reused workers); ``eval_transform`` / ``train_transform`` wrap them for single images as torch tensors.
+"""
 from __future__ import annotations
 
 import io
@@ -31,48 +35,91 @@ def decode_image(data: bytes) -> Image.Image:
     return img.convert("RGB")  # L, I, F, CMYK, YCbCr, 1
 
 
-def _to_tensor_normalised():
-    from torchvision import transforms as T
+def _resize_short(img: Image.Image, size: int) -> Image.Image:
+    """Resize so the short side is ``size`` (long side truncated, as torchvision's ``Resize(int)``)."""
+    w, h = img.size
+    if min(w, h) == size:
+        return img
+    nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    return img.resize((nw, nh), Image.BILINEAR)
 
-    return [T.ToTensor(), T.Normalize(IMAGE_MEAN, IMAGE_STD)]
+
+def _center_crop(img: Image.Image, size: int) -> Image.Image:
+    w, h = img.size
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
+
+
+def normalise(img: Image.Image) -> np.ndarray:
+    """RGB PIL -> float32 (3,H,W): ``(x/255 - IMAGE_MEAN) / IMAGE_STD``."""
+    x = np.asarray(img, dtype=np.float32) / 255.0
+    x = (x - np.asarray(IMAGE_MEAN, np.float32)) / np.asarray(IMAGE_STD, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def eval_array(img: Image.Image, image_size: int | None) -> np.ndarray:
+    """Eval transform as numpy: resize the short side to S, center crop, normalise -> float32 (3,S,S)."""
+    if image_size is not None:
+        img = _center_crop(_resize_short(img, image_size), image_size)
+    return normalise(img)
+
+
+def _random_resized_box(w: int, h: int, scale: tuple[float, float], rng: np.random.Generator):
+    """torchvision's RandomResizedCrop box sampling (aspect ratio 3/4..4/3): (left, top, width, height)."""
+    area, log_ratio = w * h, (np.log(3 / 4), np.log(4 / 3))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = np.exp(rng.uniform(*log_ratio))
+        cw, ch = int(round(np.sqrt(target * aspect))), int(round(np.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            return int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1)), cw, ch
+    cw, ch = (w, int(round(w * 3 / 4))) if w / h < 3 / 4 else (int(round(h * 4 / 3)), h) if w / h > 4 / 3 else (w, h)
+    cw, ch = min(cw, w), min(ch, h)
+    return (w - cw) // 2, (h - ch) // 2, cw, ch
+
+
+def train_array(img: Image.Image, image_size: int | None, rng: np.random.Generator | None = None,
+                scale: tuple[float, float] = (0.6, 1.0)) -> np.ndarray:
+    """Train transform as numpy: random resized crop (``scale`` of the area, to S or the native size),
+    horizontal flip with p=0.5, normalise -> float32 (3,S,S)."""
+    rng = rng if rng is not None else np.random.default_rng()
+    w, h = img.size
+    left, top, cw, ch = _random_resized_box(w, h, scale, rng)
+    out = (image_size, image_size) if image_size is not None else (w, h)
+    img = img.resize(out, Image.BILINEAR, box=(left, top, left + cw, top + ch))
+    if rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return normalise(img)
 
 
 def eval_transform(image_size: int | None) -> Callable:
-    """PIL RGB -> float32 tensor (3,S,S): resize the short side to S, center crop, normalise.
+    """PIL RGB -> torch float32 (3,S,S): resize the short side to S, center crop, normalise
+    (``image_size=None`` keeps the native size). The same numbers as ``read_shards(mode="eval")``."""
 
-    ``image_size=None`` keeps the native size (all images must then share it).
-    """
-    from torchvision import transforms as T
+    def transform(img: Image.Image):
+        import torch
 
-    steps = [] if image_size is None else [T.Resize(image_size), T.CenterCrop(image_size)]
-    return T.Compose(steps + _to_tensor_normalised())
+        return torch.from_numpy(eval_array(img, image_size))
+
+    return transform
 
 
 def train_transform(image_size: int | None, scale: tuple[float, float] = (0.6, 1.0)) -> Callable:
-    """PIL RGB -> float32 tensor (3,S,S): random resized crop (``scale`` of the area), horizontal flip, normalise.
+    """PIL RGB -> torch float32 (3,S,S): random resized crop + horizontal flip + normalise (as
+    ``read_shards(mode="train")``); ``image_size=None`` crops back to the native size."""
 
-    ``image_size=None`` crops back to each image's native size.
-    """
-    from torchvision import transforms as T
+    def transform(img: Image.Image):
+        import torch
 
-    flip_norm = [T.RandomHorizontalFlip()] + _to_tensor_normalised()
-    if image_size is not None:
-        return T.Compose([T.RandomResizedCrop(image_size, scale=scale, antialias=True)] + flip_norm)
-    rest = T.Compose(flip_norm)
+        return torch.from_numpy(train_array(img, image_size, scale=scale))
 
-    def native(img: Image.Image):
-        crop = T.RandomResizedCrop((img.height, img.width), scale=scale, antialias=True)
-        return rest(crop(img))
-
-    return native
+    return transform
 
 
 def raw_array(img: Image.Image, image_size: int | None) -> np.ndarray:
     """uint8 (H,W,3) array; resized (short side) and center-cropped to S when ``image_size`` is given."""
     if image_size is not None:
-        from torchvision import transforms as T
-
-        img = T.CenterCrop(image_size)(T.Resize(image_size)(img))
+        img = _center_crop(_resize_short(img, image_size), image_size)
     return np.asarray(img, dtype=np.uint8)
 
 

@@ -12,14 +12,13 @@ shards themselves.
 from __future__ import annotations
 
 import functools
-import threading
 import zlib
 from typing import Any, Sequence
 
 import numpy as np
 
 from rayhash import storage
-from rayhash.data.images import IMAGE_EXTENSIONS, decode_image, eval_transform, raw_array, train_transform
+from rayhash.data.images import IMAGE_EXTENSIONS, decode_image, eval_array, raw_array, train_array
 from rayhash.runtime import get_logger
 
 log = get_logger("data.stream")
@@ -113,13 +112,7 @@ def _rename_image(fname: str) -> str:
     return f"{base}.img" if ext.lower() in IMAGE_EXTENSIONS else fname
 
 
-_TABLES: dict[str, Any] = {}
-_IMPORT_LOCK = threading.Lock()  # torch raises "Trying to override a python impl..." on concurrent first imports
-
-
-def _import_torchvision() -> None:
-    with _IMPORT_LOCK:
-        import torchvision.transforms  # noqa: F401
+_TABLES: dict[str, Any] = {}  # caption-target tables per worker process, by object ref
 
 
 def _targets(ref) -> tuple[np.ndarray, np.ndarray]:
@@ -139,15 +132,16 @@ def _shuffle_rows(batch, seed: int):
 
 
 def _decode_batch(batch, mode: str, image_size: int | None, targets_ref, counter) -> dict[str, np.ndarray]:
-    _import_torchvision()
     cols = set(batch.column_names)
     n = batch.num_rows
     keys = batch.column("__key__").to_pylist()
     urls = batch.column("__url__").to_pylist() if "__url__" in cols else [""] * n
     imgs = batch.column("img").to_pylist() if "img" in cols else [None] * n
     cls = batch.column("cls").to_pylist() if "cls" in cols else [None] * n
-    transform = {"train": train_transform, "eval": eval_transform}.get(mode)
-    transform = transform(image_size) if transform else functools.partial(raw_array, image_size=image_size)
+    transform = functools.partial({"train": train_array, "eval": eval_array, "raw": raw_array}[mode],
+                                  image_size=image_size)
+    if mode == "train":  # one generator per batch (creating one per image costs more than the crop)
+        transform = functools.partial(transform, rng=np.random.default_rng())
     if targets_ref is not None:
         tkeys, tvals = _targets(targets_ref)
         pos = np.clip(np.searchsorted(tkeys, keys), 0, max(len(tkeys) - 1, 0))
@@ -161,6 +155,12 @@ def _decode_batch(batch, mode: str, image_size: int | None, targets_ref, counter
             skipped.append((keys[i], urls[i], "no caption embedding"))
             continue
         try:
+            label = int(cls[i]) if cls[i] not in (None, b"", "") else -1
+        except ValueError:
+            skipped.append((keys[i], urls[i], "bad cls label"))
+            log.warning("skipping %s in %s: cls %r is not an integer", keys[i], urls[i], cls[i])
+            continue
+        try:
             x = transform(decode_image(imgs[i]))
         except ValueError as e:
             skipped.append((keys[i], urls[i], "undecodable image"))
@@ -168,7 +168,7 @@ def _decode_batch(batch, mode: str, image_size: int | None, targets_ref, counter
             continue
         out_keys.append(keys[i])
         out_imgs.append(np.asarray(x))
-        out_labels.append(int(cls[i]) if cls[i] not in (None, b"", "") else -1)
+        out_labels.append(label)
         out_rows.append(i)
     if skipped and counter is not None:
         import ray
@@ -233,7 +233,7 @@ def read_shards(source: str | Sequence[str], *, mode: str = "train", image_size:
     ds = ray.data.read_webdataset(
         urls, decoder=None, filerename=_rename_image, suffixes=["img", "cls", "json", "txt"],
         shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True) if shuffle else None,
-        concurrency=concurrency)
+        concurrency=concurrency, override_num_blocks=min(len(urls), 4096))  # >= one read task per shard
     if shuffle and shuffle_buffer > 1:
         ds = ds.map_batches(_shuffle_rows, batch_size=shuffle_buffer, batch_format="pyarrow",
                             fn_kwargs={"seed": seed}, concurrency=concurrency)

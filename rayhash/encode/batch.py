@@ -107,8 +107,11 @@ def encode_dataset(checkpoint: str | os.PathLike, data: str | os.PathLike | Sequ
 
     Ray Data actor pool of ``concurrency`` encoders (default: one per GPU, else 2 CPU actors), ``num_gpus`` per
     actor (default 1 when the cluster has GPUs, else 0). Resumable: outputs present from an earlier run are kept.
-    Returns the ``codes.json`` summary (bits, checkpoint, per-shard counts, skipped corrupt samples).
+    Returns the ``codes.json`` summary (bits, checkpoint, per-shard counts, skipped corrupt samples) plus
+    ``timing`` (seconds in all, seconds to the first encoded batch, rows encoded by this call).
     """
+    import time
+
     from rayhash.data import read_shards, shard_urls, skip_counts
     from rayhash.model import load_checkpoint
     from rayhash.runtime import cluster_has_gpus, init_ray
@@ -125,6 +128,7 @@ def encode_dataset(checkpoint: str | os.PathLike, data: str | os.PathLike | Sequ
     log.info("encode: %d input shard(s), %d already done, %d to encode -> %s", len(urls), len(skipped), len(todo), out)
     storage.makedirs(out)
     _remove_stale_temps(out)
+    t0, first, encoded = time.perf_counter(), None, 0
     if todo:
         init_ray(address)
         gpus = cluster_has_gpus()
@@ -133,6 +137,7 @@ def encode_dataset(checkpoint: str | os.PathLike, data: str | os.PathLike | Sequ
             import ray
 
             concurrency = max(1, int(ray.cluster_resources().get("GPU", 0))) if num_gpus else 2
+            concurrency = min(concurrency, len(todo))  # more actors than input tars would sit idle
         baseline = skip_counts()["by_shard"]
         ds = read_shards([urls[i] for i in todo], mode="eval", image_size=image_size)
         ds = ds.map_batches(EncodeBatch, fn_constructor_kwargs={"checkpoint": checkpoint}, batch_size=batch_size,
@@ -141,9 +146,14 @@ def encode_dataset(checkpoint: str | os.PathLike, data: str | os.PathLike | Sequ
         ds.context.execution_options.preserve_order = True
         writer = _ShardWriter([(i, urls[i], outputs[i], counts[i]) for i in todo], bits, checkpoint, baseline)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            first = first or time.perf_counter() - t0
+            encoded += len(batch["key"])
             writer.add(batch)
         skipped.update(writer.finish())
-    return _write_summary(out, outputs, urls, skipped, bits, checkpoint, data, loaded.label_names)
+    summary = _write_summary(out, outputs, urls, skipped, bits, checkpoint, data, loaded.label_names)
+    seconds = time.perf_counter() - t0
+    log.info("encode: %d new codes in %.1fs (first batch after %.1fs)", encoded, seconds, first or 0.0)
+    return {**summary, "timing": {"seconds": seconds, "first_batch_seconds": first, "encoded": encoded}}
 
 
 class _ShardWriter:

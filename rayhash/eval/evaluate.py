@@ -199,6 +199,7 @@ def caption_metrics(idx, q, emb_path: str, k: int = 250):
         raise ValueError(f"{emb_path}: no caption embedding for {len(missing)} keys (e.g. {missing[0]!r}); "
                          "re-run `rayhash data embed-captions` on this dataset")
     qe, dbe = lookup(q.keys), lookup(db_keys)
+    k = min(k, len(db_keys) - int(np.isin(q.keys, db_keys).any()))
     top = rank(idx, q, k)
     ranked_sims = np.zeros(top.keys.shape)
     valid = top.keys != ""

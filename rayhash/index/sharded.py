@@ -45,6 +45,27 @@ def plan_groups(entries: list[dict], bits: int, actors: int | None, actor_memory
     return [entries[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def _start_actors(path: str, manifest: dict, groups: list[list[dict]], load_kwargs: dict,
+                  resources: dict) -> list:
+    """One actor per group, reserving the group's memory (Ray places it where that much is free); each loads and
+    verifies its shards. A verification error is re-raised as itself (the clear message), the actors killed."""
+    import ray
+
+    handles, loads = [], []
+    for entries in groups:
+        mem = sum(_shard_bytes(e, manifest["bits"]) for e in entries) + (64 << 20)
+        handle = ray.remote(ShardGroupActor).options(memory=mem, scheduling_strategy="SPREAD", **resources).remote()
+        handles.append(handle)
+        loads.append(handle.load.remote(path, entries, manifest, load_kwargs))
+    try:
+        ray.get(loads)
+    except ray.exceptions.RayTaskError as e:
+        for h in handles:
+            ray.kill(h)
+        raise (e.cause if isinstance(e.cause, Exception) else e) from None
+    return handles
+
+
 class ShardedIndex:
     """A sharded FAISS binary index opened for search (see :meth:`open`)."""
 
@@ -58,16 +79,18 @@ class ShardedIndex:
     @classmethod
     def open(cls, path_or_uri: str, mode: str = "local", checkpoint: str | None = None, verify: bool = True, *,
              threads: int | None = None, actors: int | None = None, actor_memory: int = 8 << 30,
-             actor_cpus: float = 1, use_gpu: bool = True, address: str | None = None,
+             actor_cpus: float = 1, actor_gpus: float | None = None, use_gpu: bool = True,
+             address: str | None = None,
              **search_params: Any) -> "ShardedIndex":
         """Open an index folder (local path or s3:// gs:// URI), verifying every shard's sha256, code width and
         index type against ``manifest.json``.
 
         ``mode="local"``: all shards in this process, searched by ``threads`` threads. ``mode="ray"``: shards
         grouped to fit ``actor_memory`` bytes per actor (or into ``actors`` groups); each group is loaded by one Ray
-        actor reserving that memory, so Ray places it on a node with room. ``search_params`` override the build's
-        search-time parameters (``nprobe`` for ivf, ``nflip`` for hash types). ``checkpoint`` (default: the one
-        recorded in the manifest) is used by :meth:`search_images`."""
+        actor reserving that memory, so Ray places it on a node with room (``actor_gpus`` per actor, default 1 for
+        flat indices when the cluster has GPUs: its shards then search as ``GpuIndexBinaryFlat``).
+        ``search_params`` override the build's search-time parameters (``nprobe`` for ivf, ``nflip`` for hash
+        types). ``checkpoint`` (default: the one recorded in the manifest) is used by :meth:`search_images`."""
         path = str(path_or_uri)
         manifest = read_manifest(path)
         load_kwargs = {"verify": verify, "use_gpu": use_gpu, "params": search_params}
@@ -77,26 +100,14 @@ class ShardedIndex:
             group = ShardGroup.load(path, manifest["shards"], manifest, threads=threads, **load_kwargs)
             index = cls(path, manifest, mode, group=group, checkpoint=checkpoint)
         elif mode == "ray":
-            import ray
-
-            from rayhash.runtime import init_ray
+            from rayhash.runtime import cluster_has_gpus, init_ray
 
             init_ray(address)
+            if actor_gpus is None:
+                actor_gpus = 1 if use_gpu and manifest["index_type"] == "flat" and cluster_has_gpus() else 0
             groups = plan_groups(manifest["shards"], manifest["bits"], actors, actor_memory)
-            handles = []
-            for entries in groups:
-                mem = sum(_shard_bytes(e, manifest["bits"]) for e in entries) + (64 << 20)
-                actor_cls = ray.remote(ShardGroupActor).options(num_cpus=actor_cpus, memory=mem,
-                                                                scheduling_strategy="SPREAD")
-                handles.append(actor_cls.remote())
-            loads = [h.load.remote(path, entries, manifest, {**load_kwargs, "threads": threads})
-                     for h, entries in zip(handles, groups)]
-            try:
-                ray.get(loads)
-            except ray.exceptions.RayTaskError as e:  # a shard failed verification: re-raise its clear error
-                for h in handles:
-                    ray.kill(h)
-                raise (e.cause if isinstance(e.cause, Exception) else e) from None
+            handles = _start_actors(path, manifest, groups, {**load_kwargs, "threads": threads},
+                                    {"num_cpus": actor_cpus, "num_gpus": actor_gpus})
             log.info("index %s: %d shards on %d Ray actors", path, len(manifest["shards"]), len(handles))
             index = cls(path, manifest, mode, actors=handles, checkpoint=checkpoint)
         else:

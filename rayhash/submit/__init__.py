@@ -160,13 +160,24 @@ def _split_env(item: str) -> tuple[str, str]:
 
 
 def stage_entrypoint(stage: str, args: Sequence[str] = (), working_dir: str | os.PathLike = PROJECT_ROOT) -> str:
-    """``python jobs/<stage>.py <args>`` (shell-quoted), checking that the script exists."""
+    """``python jobs/<stage>.py <args>`` (shell-quoted), checking that the script exists. The CLI's own spelling
+    works too: ``data convert ...``, ``data embed-captions ...``, ``index build ...``."""
+    stage, args = _cli_spelling(stage, list(args))
     script = STAGES.get(stage, stage.replace("-", "_"))
     path = Path(working_dir) / JOBS_DIR / f"{script}.py"
     if not path.is_file():
         known = ", ".join(STAGES)
         raise ValueError(f"unknown stage {stage!r}: no {path}; stages: {known} (or --raw for any command)")
     return shlex.join(["python", f"{JOBS_DIR}/{script}.py", *args])
+
+
+def _cli_spelling(stage: str, args: list[str]) -> tuple[str, list[str]]:
+    """Map ``data convert``/``data embed-captions``/``index build`` onto their job scripts' stage names."""
+    if stage == "data" and args and args[0] in ("convert", "embed-captions"):
+        return args[0], args[1:]
+    if stage == "index" and args and args[0] == "build":
+        return stage, args[1:]
+    return stage, args
 
 
 def runtime_env(working_dir: str | os.PathLike = PROJECT_ROOT, env: Mapping[str, str] | None = None,

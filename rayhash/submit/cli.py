@@ -36,6 +36,8 @@ def register(subparsers) -> None:
                    help="environment variable for the job (repeatable); RAYHASH_*, NLTK_DATA, HF_HUB_OFFLINE "
                         "are forwarded from here unless --no-forward-env")
     p.add_argument("--no-forward-env", action="store_true", help="do not forward RAYHASH_* etc. to the job")
+    p.add_argument("--pip", action="append", default=[], metavar="PACKAGE",
+                   help="extra pip package installed for this job only (Ray runtime_env pip; repeatable)")
     p.add_argument("--working-dir", default=None, help="directory uploaded as the job's working dir "
                                                        "(default: this rayhash checkout)")
     p.add_argument("--submission-id", help="job id to use (default: generated); resubmitting an id fails")
@@ -107,7 +109,7 @@ def _submit(args) -> int:
         entrypoint = shlex.join(parts)
     else:
         entrypoint = S.stage_entrypoint(args.stage, stage_args, working_dir)
-    renv = S.runtime_env(working_dir, S.job_env(args.env, not args.no_forward_env))
+    renv = S.runtime_env(working_dir, S.job_env(args.env, not args.no_forward_env), pip=args.pip)
     job_id = S.submit(entrypoint, client=client, runtime_env=renv, submission_id=args.submission_id,
                       entrypoint_num_gpus=args.num_gpus, metadata={"rayhash_stage": "raw" if args.raw else args.stage})
     print(f"submitted job {job_id} to {client.get_address()}: {entrypoint}", file=sys.stderr)

@@ -205,32 +205,15 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> list[dict]:
     writer = _tensorboard(loop_cfg.get("tensorboard_dir")) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
     gen = torch.Generator(device=device)
-    tracing = bool(loop_cfg.get("trace_dir"))
     for epoch in range(start_epoch, t.epochs):
         _seed(t.seed + 1000 * epoch + rank)  # reproducible per epoch regardless of resume
-        model.train()
-        sums: dict[str, float] = {}
-        seen: list[int] = []
-        n_steps, t0 = 0, time.perf_counter()
+        t0 = time.perf_counter()
         batches = shard.iter_torch_batches(batch_size=local_bs, drop_last=True, device=device,
                                            local_shuffle_buffer_size=config.data.shuffle_buffer or None,
                                            local_shuffle_seed=t.seed + 1000 * epoch + rank)
-        for batch in batches:
-            if n_steps >= steps_per_epoch:
-                break
-            _maybe_fail(loop_cfg.get("fault"), rank, step)
-            gen.manual_seed(t.seed * 1_000_003 + step)  # same KL target sample on every rank
-            total, terms, z = loss_step(model, loss_fn, batch, config, gen, autocast)
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            n_steps += 1
-            if tracing:
-                seen.extend(batch["label"].tolist())
-            for key, v in {**{k: float(v) for k, v in terms.items()}, **code_stats(z.detach())}.items():
-                sums[key] = sums.get(key, 0.0) + v
+        sums, n_steps, seen = _run_epoch(batches, steps_per_epoch, step, (model, opt, sched, loss_fn), config,
+                                         loop_cfg, rank, gen, autocast)
+        step += n_steps
         metrics = {"epoch": epoch, "step": step, "lr": sched.get_last_lr()[0], **_reduce_mean(sums, n_steps, device),
                    "steps_per_s": n_steps / max(1e-9, time.perf_counter() - t0), "workers": world}
         _trace(loop_cfg, f"epoch{epoch}-rank{rank}", {"labels": seen,
@@ -258,6 +241,35 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> list[dict]:
     if writer:
         writer.close()
     return history
+
+
+def _run_epoch(batches, max_steps: int, step: int, training, config: RunConfig, loop_cfg: dict, rank: int,
+               gen: torch.Generator, autocast: bool) -> tuple[dict[str, float], int, list[int]]:
+    """One pass over this worker's shard: (per-step sums of loss terms and code stats, steps, labels seen)."""
+    model, opt, sched, loss_fn = training
+    model.train()
+    sums: dict[str, float] = {}
+    seen: list[int] = []
+    n, wait, t_prev = 0, 0.0, time.perf_counter()
+    for batch in batches:
+        wait += time.perf_counter() - t_prev
+        if n >= max_steps:
+            break
+        _maybe_fail(loop_cfg.get("fault"), rank, step + n)
+        gen.manual_seed(config.train.seed * 1_000_003 + step + n)  # same KL target sample on every rank
+        total, terms, z = loss_step(model, loss_fn, batch, config, gen, autocast)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        sched.step()
+        n += 1
+        if loop_cfg.get("trace_dir"):
+            seen.extend(batch["label"].tolist())
+        for key, v in {**{k: float(v) for k, v in terms.items()}, **code_stats(z.detach())}.items():
+            sums[key] = sums.get(key, 0.0) + v
+        t_prev = time.perf_counter()
+    sums["data_wait_s"] = wait  # time blocked on the input pipeline (summed; averaged per step on report)
+    return sums, n, seen
 
 
 def _write_history(path: str | None, history: list[dict]) -> None:

@@ -1,0 +1,88 @@
+"""cluster/: launcher YAMLs validate against Ray's own schema, KubeRay manifests are safe by construction,
+cluster/local.sh argument checks. The running local cluster (up, token auth, down) is exercised in test_submit.py
+through the fixtures in fixtures_cluster.py."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fixtures_cluster import LOCAL_SH
+
+CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
+LAUNCHER = ["aws.yaml", "gcp.yaml"]
+KUBERAY = ["kuberay/raycluster.yaml", "kuberay/rayjob.yaml"]
+
+
+def _load(rel: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((CLUSTER / rel).read_text()) if d]
+
+
+@pytest.mark.parametrize("rel", LAUNCHER)
+def test_launcher_yaml_validates_against_ray_schema(rel):
+    import jsonschema
+    import ray.autoscaler
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    (config,) = _load(rel)
+    jsonschema.validate(config, schema)
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}  # CPU head runs drivers only
+    gpu = [t for name, t in types.items() if "gpu" in name]
+    assert len(gpu) == 1 and gpu[0]["min_workers"] < gpu[0]["max_workers"]  # autoscaling GPU group
+    assert any("faiss-gpu" in c for c in gpu[0]["worker_setup_commands"])
+    starts = " ".join(config["head_start_ray_commands"] + config["worker_start_ray_commands"])
+    assert starts.count("RAY_AUTH_MODE=token") == 2
+    assert "--dashboard-host=127.0.0.1" in starts  # Jobs API only through an SSH tunnel
+    setup = " ".join(config["setup_commands"])
+    assert "~/.ray/auth_token" in setup and ("secretsmanager" in setup or "gcloud secrets" in setup)
+    assert "RAYHASH_STORAGE=" in setup
+
+
+@pytest.mark.parametrize("rel", LAUNCHER + KUBERAY)
+def test_no_secret_values_in_cluster_configs(rel):
+    text = (CLUSTER / rel).read_text()
+    # Generated tokens are long hex runs (openssl rand -hex 32); only commands that fetch them may appear.
+    assert not re.search(r"\b[0-9a-fA-F]{32,}\b", text)
+    assert not re.search(r"RAY_AUTH_TOKEN\s*=", text)
+    assert not re.search(r"AKIA[0-9A-Z]{16}", text)  # AWS access key ids
+
+
+def _ray_pods(doc: dict) -> list[dict]:
+    spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+    return [spec["headGroupSpec"]] + spec["workerGroupSpecs"]
+
+
+@pytest.mark.parametrize("rel", KUBERAY)
+def test_kuberay_token_from_secret_clusterip_and_gpu_group(rel):
+    docs = _load(rel)
+    ray_doc = next(d for d in docs if d["kind"] in ("RayCluster", "RayJob"))
+    spec = ray_doc["spec"].get("rayClusterSpec", ray_doc["spec"])
+    assert spec["headGroupSpec"]["serviceType"] == "ClusterIP"
+    assert not any(d["kind"] in ("Ingress", "Service") for d in docs)
+    for group in _ray_pods(ray_doc):
+        for c in group["template"]["spec"]["containers"]:
+            env = {e["name"]: e for e in c["env"]}
+            assert env["RAY_AUTH_MODE"]["value"] == "token"
+            assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "rayhash-ray-auth"
+            assert "value" not in env["RAY_AUTH_TOKEN"]
+    gpu = [g for g in spec["workerGroupSpecs"] if g["groupName"] == "gpu"]
+    assert gpu and gpu[0]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    if ray_doc["kind"] == "RayJob":
+        sub = ray_doc["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["env"]
+        assert {e["name"] for e in sub} >= {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}
+        assert "jobs/pipeline.py" in ray_doc["spec"]["entrypoint"]
+
+
+def test_local_sh_usage_and_bad_worker_count():
+    usage = subprocess.run(["bash", str(LOCAL_SH)], capture_output=True, text=True)
+    assert usage.returncode == 2 and "up [N_WORKERS]" in usage.stdout
+    bad = subprocess.run(["bash", str(LOCAL_SH), "up", "two"], capture_output=True, text=True,
+                         env={**os.environ, "RAYHASH_LOCAL_DIR": "/tmp/rh-never-created"})
+    assert bad.returncode == 1 and "N_WORKERS must be a number" in bad.stderr
