@@ -28,6 +28,7 @@ class DataConfig(_Section):
     targets: Literal["hierarchy", "captions", "none"] = "hierarchy"
     caption_embeddings: str | None = None  # Parquet of `rayhash data embed-captions`; default DS/caption_embeddings.parquet
     shuffle_buffer: int = Field(2048, ge=0)  # per-worker local shuffle buffer (rows); 0 = no shuffle
+    train_classes: list[int] | None = None  # train on these labels only (zero-shot: eval --classes the others)
 
 
 class ModelConfig(_Section):

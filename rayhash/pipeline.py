@@ -104,7 +104,8 @@ def results_table(metrics: dict) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    metrics = run_pipeline(args.out, dataset=args.dataset, source=args.data, config=args.config,
+    config = args.config or ("demo" if args.command == "demo" else None)
+    metrics = run_pipeline(args.out, dataset=args.dataset, source=args.data, config=config,
                            overrides=args.overrides, index_shards=args.index_shards,
                            limit=args.limit, address=args.address)
     print(f"\nrayhash results ({args.dataset}):\n{results_table(metrics)}")
@@ -124,7 +125,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--dataset", default="synthetic", choices=sorted(DEFAULT_CONFIGS),
                        help="which converter to run (default: synthetic, needs no data)")
         p.add_argument("--data", default=None, help="raw data for the converter (cifar100: empty = download)")
-        p.add_argument("--config", default=None, help="YAML config (default: per dataset, e.g. configs/demo.yaml)")
+        p.add_argument("--config", default=None,
+                       help="YAML config (default: configs/demo.yaml for demo, the dataset's config for pipeline)")
         p.add_argument("--out", default=f"runs/{name}", help="output folder (default: %(default)s)")
         p.add_argument("--index-shards", type=int, default=2, help="index shards (default: %(default)s)")
         p.add_argument("--limit", type=int, default=None,

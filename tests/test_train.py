@@ -130,3 +130,19 @@ def test_two_node_cluster_one_worker_per_node(data_synthetic_small, tmp_path):
     assert r0["node"] != r1["node"]  # one worker on each node
     assert sorted(r0["labels"] + r1["labels"]) == sorted(np.repeat(np.arange(16), 30).tolist())
     assert (tmp_path / "run" / "final" / "model.pt").exists()
+
+
+def test_workers_that_leave_no_cpu_for_data_fail_fast(ray_local):
+    """8 logical CPUs, 2 workers x 4 CPUs: Ray Data could never decode a batch, so training refuses to start."""
+    import ray
+
+    from rayhash.config import load_config
+    from rayhash.train.driver import check_cpu_headroom
+
+    total = ray.cluster_resources()["CPU"]
+    fits = load_config({}, ["train.num_workers=1", f"train.cpus_per_worker={total - 1}"]).train
+    check_cpu_headroom(fits, grows=False)  # leaves exactly one CPU: fine
+    starved = load_config({}, ["train.num_workers=2", f"train.cpus_per_worker={total / 2}"]).train
+    with pytest.raises(ValueError, match="train.cpus_per_worker"):
+        check_cpu_headroom(starved, grows=False)
+    check_cpu_headroom(starved, grows=True)  # a cluster that may autoscale: only a warning

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -38,8 +38,15 @@ class DatasetInfo:
             raise ValueError(f"{self.root}: no split {split!r} in {DATASET_JSON} (have: {sorted(self.splits)})")
         return [storage.join(self.root, s["file"]) for s in self.splits[split]["shards"]]
 
-    def count(self, split: str) -> int:
-        return int(self.splits[split]["count"])
+    def count(self, split: str, classes: Sequence[int] | None = None) -> int:
+        """Samples in ``split``; with ``classes``, only those with one of these labels."""
+        entry = self.splits[split]
+        if classes is None:
+            return int(entry["count"])
+        if "label_counts" not in entry:
+            raise ValueError(f"{self.root}/{DATASET_JSON}: split {split!r} has no label_counts; re-run "
+                             "`rayhash data convert` (finished shards are kept) to record them")
+        return sum(int(entry["label_counts"].get(str(c), 0)) for c in classes)
 
     def class_hierarchy(self):
         """The :class:`rayhash.semantics.ClassHierarchy` over this dataset's classes, or None when it has none."""

@@ -8,6 +8,7 @@ inside the task, where the CPU work (PNG encoding, file reading, image synthesis
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 import io
 import json
 import re
@@ -63,7 +64,7 @@ def fingerprint(records: Sequence[dict], make: Callable, options: dict | None = 
 def write_shard(out: str, split: str, index: int, records: Sequence[dict], make: Callable, fp: str) -> dict:
     """Write one shard atomically (temporary name, rename) and then its done-marker; return its entry."""
     rel = shard_name(split, index)
-    count = 0
+    count, labels = 0, Counter()
     with storage.atomic_output(storage.join(out, rel)) as tmp:
         with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
             for record in records:
@@ -72,7 +73,10 @@ def write_shard(out: str, split: str, index: int, records: Sequence[dict], make:
                     for ext, data in members.items():
                         _tar_member(tar, f"{key}.{ext}", data)
                     count += 1
-        entry = {"file": rel, "count": count, "sha256": storage.sha256_file(tmp), "fingerprint": fp}
+                    if "cls" in members:
+                        labels[int(members["cls"])] += 1
+        entry = {"file": rel, "count": count, "sha256": storage.sha256_file(tmp), "fingerprint": fp,
+                 "label_counts": {str(k): v for k, v in sorted(labels.items())}}
     storage.write_json(storage.join(out, "_progress", f"{split}-{index:06d}.json"), entry)
     return entry
 
@@ -91,7 +95,8 @@ def write_split(out: str, split: str, records: Sequence[dict], make: Callable, s
                 options: dict | None = None) -> dict:
     """Write ``records`` as shards of ``shard_size`` samples with one Ray task per shard; skip finished ones.
 
-    Returns the split's entry for ``dataset.json``: ``{"count": n, "shards": [{file, count, sha256}]}``.
+    Returns the split's entry for ``dataset.json``: ``{"count": n, "shards": [{file, count, sha256}],
+    "label_counts": {label: n}}`` (label counts only for labelled data).
     """
     import ray
 
@@ -115,7 +120,11 @@ def write_split(out: str, split: str, records: Sequence[dict], make: Callable, s
         entries[pending[done[0]]] = ray.get(done[0])
     _remove_stale(out, split, len(chunks))
     shards = [{k: e[k] for k in ("file", "count", "sha256")} for e in entries]
-    return {"count": sum(e["count"] for e in shards), "shards": shards}
+    labels = sum((Counter({int(k): v for k, v in e.get("label_counts", {}).items()}) for e in entries), Counter())
+    split = {"count": sum(e["count"] for e in shards), "shards": shards}
+    if labels:
+        split["label_counts"] = {str(k): labels[k] for k in sorted(labels)}
+    return split
 
 
 def _remove_stale(out: str, split: str, n: int) -> None:

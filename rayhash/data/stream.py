@@ -131,7 +131,8 @@ def _shuffle_rows(batch, seed: int):
     return batch.take(rng.permutation(batch.num_rows))
 
 
-def _decode_batch(batch, mode: str, image_size: int | None, targets_ref, counter) -> dict[str, np.ndarray]:
+def _decode_batch(batch, mode: str, image_size: int | None, targets_ref, counter,
+                  classes: frozenset | None = None) -> dict[str, np.ndarray]:
     cols = set(batch.column_names)
     n = batch.num_rows
     keys = batch.column("__key__").to_pylist()
@@ -160,6 +161,8 @@ def _decode_batch(batch, mode: str, image_size: int | None, targets_ref, counter
             skipped.append((keys[i], urls[i], "bad cls label"))
             log.warning("skipping %s in %s: cls %r is not an integer", keys[i], urls[i], cls[i])
             continue
+        if classes is not None and label not in classes:
+            continue  # filtered out on purpose (e.g. unseen classes of a zero-shot split), not skipped
         try:
             x = transform(decode_image(imgs[i]))
         except ValueError as e:
@@ -209,7 +212,8 @@ def load_caption_embeddings(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 def read_shards(source: str | Sequence[str], *, mode: str = "train", image_size: int | None = None,
                 shuffle: bool = False, seed: int = 0, caption_embeddings: str | None = None,
-                shuffle_buffer: int = 1000, batch_size: int = 64, concurrency: int | None = None):
+                shuffle_buffer: int = 1000, batch_size: int = 64, concurrency: int | None = None,
+                classes: Sequence[int] | None = None):
     """Stream WebDataset shards as a ``ray.data.Dataset`` with columns ``key`` (str), ``image``, ``label``
     (int64, -1 when unlabelled) and, with ``caption_embeddings`` (Parquet key -> embedding), ``target``.
 
@@ -218,7 +222,8 @@ def read_shards(source: str | Sequence[str], *, mode: str = "train", image_size:
     ``shuffle=True``: file order shuffled (reseeded every epoch from ``seed``) plus a local shuffle buffer of
     ``shuffle_buffer`` samples; for more mixing also pass ``local_shuffle_buffer_size`` to ``iter_torch_batches``.
     Works as a Ray Train dataset (``TorchTrainer(datasets={"train": ds})`` + ``get_dataset_shard``) and for
-    ``map_batches`` inference. Skipped samples: see :func:`skip_counts`.
+    ``map_batches`` inference. ``classes``: keep only samples with these labels (before decoding). Skipped
+    samples: see :func:`skip_counts`.
     """
     import ray
     from ray.data import FileShuffleConfig
@@ -240,7 +245,8 @@ def read_shards(source: str | Sequence[str], *, mode: str = "train", image_size:
     targets_ref = ray.put(load_caption_embeddings(caption_embeddings)) if caption_embeddings else None
     return ds.map_batches(_decode_batch, batch_size=batch_size, batch_format="pyarrow", concurrency=concurrency,
                           fn_kwargs={"mode": mode, "image_size": image_size, "targets_ref": targets_ref,
-                                     "counter": counter})
+                                     "counter": counter,
+                                     "classes": None if classes is None else frozenset(int(c) for c in classes)})
 
 
 def _torch_collate(batch: dict[str, np.ndarray]) -> dict:

@@ -42,6 +42,23 @@ def _has_run(storage_path: str) -> bool:
     return storage.exists(storage.join(storage_path, RUN_NAME))
 
 
+def check_cpu_headroom(t, grows: bool) -> None:
+    """Training workers must leave at least one CPU for Ray Data decoding, or training waits for data forever:
+    an error on a local instance, a warning on a cluster (an autoscaler may add nodes)."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0)
+    need = t.num_workers * t.cpus_per_worker
+    if need <= total - 1:
+        return
+    msg = (f"train.num_workers x train.cpus_per_worker = {need:g} CPUs leaves no CPU for Ray Data decoding on this "
+           f"Ray cluster ({total:g} CPUs): lower train.cpus_per_worker (e.g. train.cpus_per_worker=1) or "
+           "train.num_workers, or add nodes")
+    if not grows:
+        raise ValueError(msg)
+    log.warning("%s; continuing in case the cluster autoscales", msg)
+
+
 def train(config: RunConfig, out: str, *, resume: bool = False, address: str | None = None) -> TrainResult:
     """Train a hash network with Ray Train (DDP over ``train.num_workers`` workers) and export ``<out>/final``.
 
@@ -75,13 +92,15 @@ def train(config: RunConfig, out: str, *, resume: bool = False, address: str | N
                                     f"`rayhash data embed-captions {d.path} --out {caption_embeddings}`")
     similarity = info.similarity_matrix() if d.targets == "hierarchy" or info.hierarchy else None
     num_classes = info.num_classes if info.kind == "labels" else 0
-    steps = plan_steps(config, info.count(d.train_split))
+    steps = plan_steps(config, info.count(d.train_split, d.train_classes))
 
     init_ray(address)
     use_gpu = cluster_has_gpus() if config.train.use_gpu == "auto" else bool(config.train.use_gpu)
+    check_cpu_headroom(config.train, grows=bool(address or os.environ.get("RAY_ADDRESS")))
     columns = ["image", "label"] + (["target"] if d.targets == "captions" else [])
     ds = read_shards(storage.join(d.path, d.train_split), mode="train", image_size=d.image_size, shuffle=True,
-                     seed=config.train.seed, caption_embeddings=caption_embeddings if d.targets == "captions" else None)
+                     seed=config.train.seed, caption_embeddings=caption_embeddings if d.targets == "captions" else None,
+                     classes=d.train_classes)
     ds = ds.select_columns(columns).limit(steps * config.train.batch_size)
     val_source = storage.join(d.path, d.val_split) if d.val_split and d.val_split in info.splits else None
     if d.val_split and not val_source:
