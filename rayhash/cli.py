@@ -51,12 +51,30 @@ def _version() -> str:
     return f"rayhash {__version__}"
 
 
+# Arguments that name files or folders: made absolute before any stage runs, so Ray workers (whose working
+# directory is not the caller's) resolve them the same way.
+PATH_ARGS = ("out", "data", "checkpoint", "codes", "index", "queries", "caption_embeddings", "src", "contact_sheet",
+             "token_file")
+
+
+def _absolute_paths(args: argparse.Namespace) -> None:
+    from rayhash.storage import absolute
+
+    for name in PATH_ARGS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value:
+            setattr(args, name, absolute(value))
+        elif isinstance(value, list):
+            setattr(args, name, [absolute(v) for v in value])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    _absolute_paths(args)
     try:
         code = args.func(args)
     except KeyboardInterrupt:

@@ -30,6 +30,14 @@ class DataConfig(_Section):
     shuffle_buffer: int = Field(2048, ge=0)  # per-worker local shuffle buffer (rows); 0 = no shuffle
     train_classes: list[int] | None = None  # train on these labels only (zero-shot: eval --classes the others)
 
+    @field_validator("path", "caption_embeddings")
+    @classmethod
+    def _absolute(cls, v: str | None) -> str | None:
+        """Ray workers do not share the caller's working directory: local paths become absolute."""
+        from rayhash.storage import absolute
+
+        return absolute(v) if v else v
+
 
 class ModelConfig(_Section):
     backbone: Literal["resnet18", "resnet34", "resnet50", "cifar_resnet", "tiny_cnn"] = "cifar_resnet"

@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+from rayhash import storage
 from rayhash.runtime import get_logger
 
 log = get_logger("pipeline")
@@ -70,6 +71,7 @@ def run_pipeline(out: str, *, dataset: str = "synthetic", source: str | None = N
     from rayhash.train import train
 
     init_ray(address)
+    out = storage.absolute(out)
     paths = {name: os.path.join(out, name) for name in ("data", "run", "codes", "index", "eval")}
     log.info("[1/5] converting %s data into shards under %s", dataset, paths["data"])
     convert(dataset, source, paths["data"], limit=limit)

@@ -34,6 +34,12 @@ def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
+def absolute(uri: str | os.PathLike) -> str:
+    """Local paths made absolute (Ray workers do not share the driver's working directory); URIs unchanged."""
+    uri = str(uri)
+    return uri if is_remote(uri) or uri.startswith("file://") else os.path.abspath(os.path.expanduser(uri))
+
+
 def join(base: str | os.PathLike, *parts: str) -> str:
     """Join path parts, keeping URI schemes intact."""
     base = str(base).rstrip("/")

@@ -105,7 +105,7 @@ def encode_dataset(checkpoint: str | os.PathLike, data: str | os.PathLike | Sequ
                    address: str | None = None) -> dict[str, Any]:
     """Encode a split's shards into ``OUT/codes-%05d.parquet`` (one per input tar) + ``OUT/codes.json``.
 
-    Ray Data actor pool of ``concurrency`` encoders (default: one per GPU, else 2 CPU actors), ``num_gpus`` per
+    Ray Data actor pool of ``concurrency`` encoders (default: one per GPU, else up to 4 CPU actors leaving a CPU for reading), ``num_gpus`` per
     actor (default 1 when the cluster has GPUs, else 0). Resumable: outputs present from an earlier run are kept.
     Returns the ``codes.json`` summary (bits, checkpoint, per-shard counts, skipped corrupt samples) plus
     ``timing`` (seconds in all, seconds to the first encoded batch, rows encoded by this call).
@@ -136,7 +136,9 @@ def encode_dataset(checkpoint: str | os.PathLike, data: str | os.PathLike | Sequ
         if concurrency is None:
             import ray
 
-            concurrency = max(1, int(ray.cluster_resources().get("GPU", 0))) if num_gpus else 2
+            # CPU actors leave one CPU for the shard-reading tasks, or the pipeline starves on small machines
+            cpus = int(ray.cluster_resources().get("CPU", 1))
+            concurrency = max(1, int(ray.cluster_resources().get("GPU", 0))) if num_gpus else max(1, min(4, cpus - 1))
             concurrency = min(concurrency, len(todo))  # more actors than input tars would sit idle
         baseline = skip_counts()["by_shard"]
         ds = read_shards([urls[i] for i in todo], mode="eval", image_size=image_size)
