@@ -1,6 +1,6 @@
 """Shared test fixtures: one real local Ray per test session, paths to the offline data in ../shared/data.
 
-Stage-specific fixtures live in ``tests/fixtures_<stage>.py`` and are imported below.
+Stage-specific fixtures live in ``tests/fixtures_<stage>.py`` and are imported at the end.
 """
 from __future__ import annotations
 
@@ -50,5 +50,8 @@ def ray_local():
     yield ray
 
 
-for _name in sorted(p.stem for p in Path(__file__).parent.glob("fixtures_*.py")):
-    exec(f"from {_name} import *")  # noqa: S102 - fixture modules owned by each stage
+# Each stage's fixtures live in its own module; importing them here makes them visible to every test.
+from fixtures_cluster import *  # noqa: E402,F401,F403
+from fixtures_data import *  # noqa: E402,F401,F403
+from fixtures_index import *  # noqa: E402,F401,F403
+from fixtures_train import *  # noqa: E402,F401,F403
