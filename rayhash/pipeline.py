@@ -7,7 +7,6 @@ skips work whose outputs already exist, so a re-run after a failure continues wh
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 

@@ -63,8 +63,8 @@ def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", un
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True)
 
 
-def torch_device() -> "torch.device":  # noqa: F821
-    """CUDA when available, else CPU: the single place the code path decides."""
+def torch_device():
+    """``torch.device`` CUDA when available, else CPU: the single place the code path decides."""
     import torch
 
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -7,7 +7,6 @@ import pickle
 import tarfile
 
 import numpy as np
-import pytest
 from conftest import shared
 
 from rayhash.data import load_dataset_info, read_shards

@@ -12,7 +12,6 @@ import json
 import os
 import re
 
-from rayhash import storage
 from rayhash.data.images import IMAGE_EXTENSIONS
 from rayhash.data.shards import safe_key, sample_members, write_dataset_json, write_split
 from rayhash.runtime import get_logger

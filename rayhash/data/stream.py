@@ -132,7 +132,7 @@ def _shuffle_rows(batch, seed: int):
 
 
 def _decode_batch(batch, mode: str, image_size: int | None, targets_ref, counter,
-                  classes: frozenset | None = None) -> dict[str, np.ndarray]:
+                  classes: frozenset | None = None, with_source: bool = False) -> dict[str, np.ndarray]:
     cols = set(batch.column_names)
     n = batch.num_rows
     keys = batch.column("__key__").to_pylist()
@@ -178,6 +178,8 @@ def _decode_batch(batch, mode: str, image_size: int | None, targets_ref, counter
 
         ray.get(counter.add.remote(skipped))
     result = {"key": np.asarray(out_keys, dtype=object), "label": np.asarray(out_labels, dtype=np.int64)}
+    if with_source:
+        result["source"] = np.asarray([urls[i] for i in out_rows], dtype=object)
     if out_imgs and len({a.shape for a in out_imgs}) == 1:
         result["image"] = np.stack(out_imgs)
     elif out_imgs:
@@ -213,7 +215,7 @@ def load_caption_embeddings(path: str) -> tuple[np.ndarray, np.ndarray]:
 def read_shards(source: str | Sequence[str], *, mode: str = "train", image_size: int | None = None,
                 shuffle: bool = False, seed: int = 0, caption_embeddings: str | None = None,
                 shuffle_buffer: int = 1000, batch_size: int = 64, concurrency: int | None = None,
-                classes: Sequence[int] | None = None):
+                classes: Sequence[int] | None = None, with_source: bool = False):
     """Stream WebDataset shards as a ``ray.data.Dataset`` with columns ``key`` (str), ``image``, ``label``
     (int64, -1 when unlabelled) and, with ``caption_embeddings`` (Parquet key -> embedding), ``target``.
 
@@ -222,8 +224,9 @@ def read_shards(source: str | Sequence[str], *, mode: str = "train", image_size:
     ``shuffle=True``: file order shuffled (reseeded every epoch from ``seed``) plus a local shuffle buffer of
     ``shuffle_buffer`` samples; for more mixing also pass ``local_shuffle_buffer_size`` to ``iter_torch_batches``.
     Works as a Ray Train dataset (``TorchTrainer(datasets={"train": ds})`` + ``get_dataset_shard``) and for
-    ``map_batches`` inference. ``classes``: keep only samples with these labels (before decoding). Skipped
-    samples: see :func:`skip_counts`.
+    ``map_batches`` inference. ``classes``: keep only samples with these labels (before decoding).
+    ``with_source``: add a ``source`` column, the shard URL each row came from. Skipped samples: see
+    :func:`skip_counts`.
     """
     import ray
     from ray.data import FileShuffleConfig
@@ -246,7 +249,8 @@ def read_shards(source: str | Sequence[str], *, mode: str = "train", image_size:
     return ds.map_batches(_decode_batch, batch_size=batch_size, batch_format="pyarrow", concurrency=concurrency,
                           fn_kwargs={"mode": mode, "image_size": image_size, "targets_ref": targets_ref,
                                      "counter": counter,
-                                     "classes": None if classes is None else frozenset(int(c) for c in classes)})
+                                     "classes": None if classes is None else frozenset(int(c) for c in classes),
+                                     "with_source": with_source})
 
 
 def _torch_collate(batch: dict[str, np.ndarray]) -> dict:

@@ -1,9 +1,10 @@
 """Ray Data batch inference: WebDataset shards -> packed binary codes in Parquet, one output shard per input tar.
 
 The pipeline is ``read_shards(mode="eval") -> map_batches(EncodeBatch actor pool)``, executed with
-``preserve_order`` so rows arrive in input order; the driver cuts the stream into input tars by their sample counts
-(from ``dataset.json``, else counted in the tar) minus the corrupt samples skipped in each, and writes
-``codes-%05d.parquet`` for input tar number ``%05d`` atomically as soon as it is complete. A re-run encodes only
+``preserve_order`` so rows arrive in input order, each tagged with its source tar; the driver cuts the stream into
+input tars and writes ``codes-%05d.parquet`` for input tar number ``%05d`` atomically as soon as the stream has moved
+past it. Corrupt samples skipped in a tar = its sample count (``dataset.json``, else counted in the tar) minus the
+codes received. A re-run encodes only
 the tars whose output is missing.
 """
 from __future__ import annotations
@@ -38,7 +39,8 @@ class EncodeBatch:
         n = len(batch["key"])
         codes = (self.encoder.encode_tensor(torch.from_numpy(np.ascontiguousarray(batch["image"])))[1] if n
                  else np.zeros((0, self.encoder.bits // 8), np.uint8))
-        return {"key": batch["key"], "code": codes, "label": np.asarray(batch["label"], dtype=np.int32)}
+        return {"key": batch["key"], "code": codes, "label": np.asarray(batch["label"], dtype=np.int32),
+                "source": batch["source"]}
 
 
 def _sample_count(url: str) -> int:
@@ -112,7 +114,7 @@ def encode_dataset(checkpoint: str | os.PathLike, data: str | os.PathLike | Sequ
     """
     import time
 
-    from rayhash.data import read_shards, shard_urls, skip_counts
+    from rayhash.data import read_shards, shard_urls
     from rayhash.model import load_checkpoint
     from rayhash.runtime import cluster_has_gpus, init_ray
 
@@ -140,13 +142,12 @@ def encode_dataset(checkpoint: str | os.PathLike, data: str | os.PathLike | Sequ
             cpus = int(ray.cluster_resources().get("CPU", 1))
             concurrency = max(1, int(ray.cluster_resources().get("GPU", 0))) if num_gpus else max(1, min(4, cpus - 1))
             concurrency = min(concurrency, len(todo))  # more actors than input tars would sit idle
-        baseline = skip_counts()["by_shard"]
-        ds = read_shards([urls[i] for i in todo], mode="eval", image_size=image_size)
+        ds = read_shards([urls[i] for i in todo], mode="eval", image_size=image_size, with_source=True)
         ds = ds.map_batches(EncodeBatch, fn_constructor_kwargs={"checkpoint": checkpoint}, batch_size=batch_size,
                             concurrency=concurrency, num_gpus=num_gpus, num_cpus=0 if num_gpus else 1,
                             batch_format="numpy")
         ds.context.execution_options.preserve_order = True
-        writer = _ShardWriter([(i, urls[i], outputs[i], counts[i]) for i in todo], bits, checkpoint, baseline)
+        writer = _ShardWriter([(i, urls[i], outputs[i], counts[i]) for i in todo], bits, checkpoint)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             first = first or time.perf_counter() - t0
             encoded += len(batch["key"])
@@ -159,62 +160,44 @@ def encode_dataset(checkpoint: str | os.PathLike, data: str | os.PathLike | Sequ
 
 
 class _ShardWriter:
-    """Cuts the ordered stream of encoded rows into input tars and writes each as soon as it is complete."""
+    """Cuts the ordered stream of encoded rows into input tars by each row's ``source`` tar and writes each tar's
+    codes as soon as the stream has moved past it; expected count minus rows received = corrupt samples skipped."""
 
-    def __init__(self, plan: list[tuple[int, str, str, int]], bits: int, checkpoint: str, baseline: dict):
-        self.plan, self.bits, self.checkpoint, self.baseline = plan, bits, checkpoint, baseline
-        self.cur, self.parts, self.got, self.skips = 0, [], 0, {}
+    def __init__(self, plan: list[tuple[int, str, str, int]], bits: int, checkpoint: str):
+        self.plan, self.bits, self.checkpoint = plan, bits, checkpoint
+        self.position = {url: j for j, (_, url, _, _) in enumerate(plan)}
+        self.cur, self.parts = 0, []
         self.written: dict[int, int] = {}
 
-    def _skipped(self, url: str) -> int:
-        from rayhash.data import skip_counts
-
-        by_shard = skip_counts()["by_shard"]
-        name = os.path.basename(url)
-        return sum(v - self.baseline.get(u, 0) for u, v in by_shard.items() if os.path.basename(u) == name)
-
-    def _need(self, refresh: bool) -> int:
-        _, url, _, count = self.plan[self.cur]
-        if refresh or url not in self.skips:
-            self.skips[url] = self._skipped(url)
-        return count - self.skips[url] - self.got
-
     def add(self, batch: dict[str, np.ndarray]) -> None:
-        pos, n = 0, len(batch["key"])
-        while pos < n:
-            if self.cur >= len(self.plan):
-                raise ValueError(f"more encoded rows than the input shards hold ({self.plan[-1][1]} and earlier); "
-                                 "dataset.json sample counts are wrong — re-run `rayhash data convert`")
-            need = self._need(refresh=False)
-            if need <= n - pos:  # this batch reaches the end of the current tar: its skip count is final now
-                need = self._need(refresh=True)
-            if need <= 0:
+        sources = batch["source"]
+        cuts = np.flatnonzero(sources[1:] != sources[:-1]) + 1
+        for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(sources)]):
+            j = self.position.get(sources[a])
+            if j is None or j < self.cur:
+                raise ValueError(f"encoded rows of {sources[a]} arrived out of order or from an unknown shard; "
+                                 "nothing was written for it — re-run to retry")
+            while self.cur < j:  # the stream moved on: earlier tars are complete
                 self._flush()
-                continue
-            take = min(need, n - pos)
-            self.parts.append({c: batch[c][pos:pos + take] for c in ("key", "code", "label")})
-            self.got += take
-            pos += take
+            self.parts.append({c: batch[c][a:b] for c in ("key", "code", "label")})
 
     def _flush(self) -> None:
-        no, url, path, _ = self.plan[self.cur]
+        no, url, path, count = self.plan[self.cur]
         keys = np.concatenate([p["key"] for p in self.parts]) if self.parts else np.empty(0, object)
         codes = (np.concatenate([p["code"] for p in self.parts]) if self.parts
                  else np.zeros((0, self.bits // 8), np.uint8))
         labels = np.concatenate([p["label"] for p in self.parts]) if self.parts else np.empty(0, np.int32)
-        skipped = self.skips.get(url, 0)
+        skipped = count - len(keys)
+        if skipped < 0:
+            raise ValueError(f"{url}: {len(keys)} codes but the shard holds {count} samples; dataset.json sample "
+                             "counts are wrong — re-run `rayhash data convert`")
         write_codes(path, keys, codes, labels, {META_SOURCE: os.path.basename(url), META_BITS: self.bits,
                                                 META_CHECKPOINT: self.checkpoint, META_SKIPPED: skipped})
         self.written[no] = skipped
-        self.cur, self.parts, self.got = self.cur + 1, [], 0
+        self.cur, self.parts = self.cur + 1, []
 
     def finish(self) -> dict[int, int]:
         while self.cur < len(self.plan):
-            need = self._need(refresh=True)
-            if need > 0:
-                _, url, _, count = self.plan[self.cur]
-                raise ValueError(f"{url}: got {self.got} codes + {self.skips[url]} skipped, but the shard holds "
-                                 f"{count} samples; its output was not written — re-run to retry")
             self._flush()
         return self.written
 

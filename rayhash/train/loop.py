@@ -288,8 +288,6 @@ def _state_fingerprint(model, opt) -> dict[str, float]:
 
 def _trace(loop_cfg: dict, name: str, obj: dict) -> None:
     """Test instrumentation: with $RAYHASH_TRAIN_TRACE=DIR at launch, workers write what they saw there."""
-    import json
-
     if loop_cfg.get("trace_dir"):
         storage.write_json(storage.join(loop_cfg["trace_dir"], name + ".json"), obj)
 
