@@ -4,6 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 DATASET ?= synthetic
 DATA    ?=
+LIMIT   ?=
 PYTEST_ARGS ?=
 
 .PHONY: install test demo bench clean
@@ -20,7 +21,7 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: install
-	$(VENV)/bin/rayhash demo --dataset $(DATASET) $(if $(DATA),--data $(DATA),) --out runs/demo-$(DATASET)
+	$(VENV)/bin/rayhash demo --dataset $(DATASET) $(if $(DATA),--data $(DATA),) $(if $(LIMIT),--limit $(LIMIT),) --out runs/demo-$(DATASET)
 
 bench: install
 	$(PY) benchmarks/bench_metrics.py

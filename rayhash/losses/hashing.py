@@ -1,6 +1,7 @@
 """The training objective ``L = CE + alpha * L_sim + beta * L_KL / d`` with a per-term breakdown."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,7 +29,7 @@ class HashingLoss(nn.Module):
             raise ValueError(f"loss similarity form must be 'relative' or 'softmax', got {sim_form!r}")
         self.alpha, self.beta, self.k, self.uniformity = alpha, beta, k, uniformity
         self.sim_form, self.tau, self.global_batch = sim_form, tau, global_batch
-        S = None if similarity is None else torch.as_tensor(similarity, dtype=torch.float32)
+        S = None if similarity is None else torch.tensor(np.asarray(similarity), dtype=torch.float32)  # a copy
         self.register_buffer("similarity", S, persistent=False)
 
     def forward(self, z: torch.Tensor, logits: torch.Tensor | None = None, labels: torch.Tensor | None = None,
