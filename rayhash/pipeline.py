@@ -90,7 +90,8 @@ def run_pipeline(out: str, *, dataset: str = "synthetic", source: str | None = N
     log.info("[3/5] encoding the %s split", db_split)
     encode_dataset(result.checkpoint, os.path.join(paths["data"], db_split), paths["codes"])
     log.info("[4/5] building a %d-shard binary index", index_shards)
-    build_index(paths["codes"], paths["index"], index_type="flat", shards=index_shards)
+    resumed = storage.exists(storage.join(paths["index"], "manifest.json"))  # a re-run indexes only new code files
+    build_index(paths["codes"], paths["index"], index_type="flat", shards=index_shards, append=resumed)
     log.info("[5/5] evaluating %s queries against the index", query_split)
     return evaluate(paths["index"], result.checkpoint, os.path.join(paths["data"], query_split), paths["eval"])
 

@@ -23,6 +23,11 @@ def test_demo_pipeline_beats_random_codes(tmp_path, ray_local):
     assert metrics["mAHP@250"] > metrics["mAHP@250_random"] + 0.1, metrics
     for png in ("hp_curve.png", "bit_balance.png", "distance_histograms.png", "precision_recall.png"):
         assert (out / "eval" / png).stat().st_size > 1000
+    # a re-run resumes from what is on storage: nothing is redone or duplicated, the numbers are the same
+    codes_mtime = (out / "codes" / "codes-00000.parquet").stat().st_mtime_ns
+    again = run_pipeline(str(out), dataset="synthetic", overrides=["train.epochs=4"])
+    assert again["mAHP@250"] == metrics["mAHP@250"] and again["n_database"] == 480
+    assert (out / "codes" / "codes-00000.parquet").stat().st_mtime_ns == codes_mtime
 
 
 def test_cli_reports_user_errors_in_one_line(tmp_path):
