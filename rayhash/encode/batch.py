@@ -175,11 +175,14 @@ class _ShardWriter:
         for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(sources)]):
             j = self.position.get(sources[a])
             if j is None or j < self.cur:
-                raise ValueError(f"encoded rows of {sources[a]} arrived out of order or from an unknown shard; "
-                                 "nothing was written for it — re-run to retry")
+                raise ValueError(f"{sources[a]}: more samples than its recorded count, or rows out of order; its "
+                                 "output may be incomplete — re-run `rayhash data convert` to refresh dataset.json, "
+                                 "then encode into an empty --out")
             while self.cur < j:  # the stream moved on: earlier tars are complete
                 self._flush()
             self.parts.append({c: batch[c][a:b] for c in ("key", "code", "label")})
+            if sum(len(p["key"]) for p in self.parts) >= self.plan[self.cur][3]:
+                self._flush()  # every sample of this tar is encoded: write it now
 
     def _flush(self) -> None:
         no, url, path, count = self.plan[self.cur]
@@ -195,11 +198,18 @@ class _ShardWriter:
                                                 META_CHECKPOINT: self.checkpoint, META_SKIPPED: skipped})
         self.written[no] = skipped
         self.cur, self.parts = self.cur + 1, []
+        _fault_injection(len(self.written))
 
     def finish(self) -> dict[int, int]:
         while self.cur < len(self.plan):
             self._flush()
         return self.written
+
+
+def _fault_injection(written: int) -> None:
+    """Tests: ``$RAYHASH_ENCODE_CRASH_AFTER=N`` kills this process (no clean-up) right after its N-th output."""
+    if os.environ.get("RAYHASH_ENCODE_CRASH_AFTER") == str(written):
+        os._exit(137)
 
 
 def _write_summary(out: str, outputs: list[str], urls: list[str], skipped: dict[int, int], bits: int,
