@@ -92,10 +92,13 @@ def rank(idx, q, k: int, complete_ties: bool = False) -> Ranking:
     """Top-k per query from the index without the query itself; with ``complete_ties`` the lists also hold the
     whole tie group at the k-th distance (needed for the exact expectation over tie orders)."""
     res = idx.search(q.codes, k + 1)
-    labels, dists, keys = _drop_self(res.labels, res.distances, res.keys, q.keys, k)
-    if not complete_ties:
-        return Ranking(labels, dists, keys)
-    boundary = dists[:, k - 1]
+    top = Ranking(*_drop_self(res.labels, res.distances, res.keys, q.keys, k))
+    return _complete_ties(idx, q, top, k) if complete_ties else top
+
+
+def _complete_ties(idx, q, top: Ranking, k: int) -> Ranking:
+    """``top`` (>= k columns) extended by every code tied with its k-th result (one range search per distance)."""
+    boundary = top.distances[:, k - 1]
     rows = [None] * len(q)
     for b in np.unique(boundary[np.isfinite(boundary)]).astype(int):
         sel = np.flatnonzero(boundary == b)
@@ -105,7 +108,7 @@ def rank(idx, q, k: int, complete_ties: bool = False) -> Ranking:
             keep = hit.keys != q.keys[qi]
             rows[qi] = (hit.labels[keep], hit.distances[keep].astype(float), hit.keys[keep])
     for qi in np.flatnonzero(~np.isfinite(boundary)):  # fewer than k reachable: the list is already complete
-        rows[qi] = (labels[qi], dists[qi], keys[qi])
+        rows[qi] = (top.labels[qi], top.distances[qi], top.keys[qi])
     return _pad_rows(rows)
 
 
@@ -133,10 +136,10 @@ def hierarchy_metrics(idx, q, S, k: int = 250, map_k: int = 1000, radius: int = 
     from rayhash.metrics import average_precision_ranked, hierarchical_precision_ranked, trapezoid_ahp
 
     counts = _label_counts(idx, len(S))
-    in_db = _queries_in_db(idx, q)
+    in_db = np.isin(q.keys, idx.keys())
     top = rank(idx, q, max(k, map_k))
     hp = hierarchical_precision_ranked(top.labels, q.labels, S, counts, k, query_in_db=in_db)
-    tied = rank(idx, q, k, complete_ties=True)
+    tied = _complete_ties(idx, q, top, k)
     hp_exp = hierarchical_precision_ranked(tied.labels, q.labels, S, counts, k, ranked_distances=tied.distances,
                                            ties="expected", query_in_db=in_db)
     ap = average_precision_ranked(top.labels, q.labels, map_k)
@@ -154,16 +157,7 @@ def hierarchy_metrics(idx, q, S, k: int = 250, map_k: int = 1000, radius: int = 
 
 def _label_counts(idx, n_classes):
     counts = np.asarray(idx.label_counts(), dtype=np.int64)
-    return np.pad(counts, (0, max(0, n_classes - len(counts))))[:max(n_classes, len(counts))]
-
-
-def _queries_in_db(idx, q) -> np.ndarray:
-    res = idx.search(q.codes, 1)  # cheap membership test: a query in the database is at distance 0 ...
-    hit = res.distances[:, 0] == 0
-    if not hit.any():
-        return np.zeros(len(q), bool)
-    db_keys = set(idx.keys().tolist())  # ... confirmed by key
-    return np.array([key in db_keys for key in q.keys])
+    return np.pad(counts, (0, max(0, n_classes - len(counts))))
 
 
 def _precision_within(hit, qkey, qlabel) -> float:
