@@ -71,16 +71,14 @@ def run_pipeline(out: str, *, dataset: str = "synthetic", source: str | None = N
 
     init_ray(address)
     out = storage.absolute(out)
-    paths = {name: os.path.join(out, name) for name in ("data", "run", "codes", "index", "eval")}
+    paths = {name: storage.join(out, name) for name in ("data", "run", "codes", "index", "eval")}
     log.info("[1/5] converting %s data into shards under %s", dataset, paths["data"])
     convert(dataset, source, paths["data"], limit=limit)
     info = load_dataset_info(paths["data"])
     cfg_path = find_config(config or DEFAULT_CONFIGS[dataset])
     extra = [f"data.path={paths['data']}"]
     if info.kind == "captions":
-        emb = os.path.join(paths["data"], "caption_embeddings.parquet")
-        if not os.path.exists(emb):
-            embed_captions(paths["data"], emb)
+        emb = embed_captions(paths["data"])  # kept when it already exists
         extra.append(f"data.caption_embeddings={emb}")
     cfg = load_config(cfg_path, [*extra, *overrides])
     log.info("[2/5] training (%s) into %s", cfg_path, paths["run"])
@@ -88,12 +86,12 @@ def run_pipeline(out: str, *, dataset: str = "synthetic", source: str | None = N
     db_split = cfg.data.train_split
     query_split = cfg.data.val_split or next(s for s in info.splits if s != db_split)
     log.info("[3/5] encoding the %s split", db_split)
-    encode_dataset(result.checkpoint, os.path.join(paths["data"], db_split), paths["codes"])
+    encode_dataset(result.checkpoint, storage.join(paths["data"], db_split), paths["codes"])
     log.info("[4/5] building a %d-shard binary index", index_shards)
     resumed = storage.exists(storage.join(paths["index"], "manifest.json"))  # a re-run indexes only new code files
     build_index(paths["codes"], paths["index"], index_type="flat", shards=index_shards, append=resumed)
     log.info("[5/5] evaluating %s queries against the index", query_split)
-    return evaluate(paths["index"], result.checkpoint, os.path.join(paths["data"], query_split), paths["eval"])
+    return evaluate(paths["index"], result.checkpoint, storage.join(paths["data"], query_split), paths["eval"])
 
 
 def results_table(metrics: dict) -> str:
