@@ -5,7 +5,8 @@
     python benchmarks/bench_data.py --ds DS/train --cpus 4 --image-size 64 --epochs 2
 
 Both sides do the same work per sample: PNG/JPEG decode -> RGB -> random resized crop + flip -> normalise, with
-file shuffle + a shuffle buffer, batched. Epochs of the two alternate (one warm-up
+file shuffle and row mixing over about one shard (Ray: each shard's rows permuted; webdataset: a shuffle buffer of
+``--shuffle-buffer`` samples, default the shard size), batched. Epochs of the two alternate (one warm-up
 epoch each, not counted) so background load hits both alike; reported: images/s per epoch, medians, and the ratio
 Ray Data / webdataset (goal >= 0.8). Ray runs with ``num_cpus=--cpus``, webdataset with ``--cpus`` workers.
 """
@@ -39,8 +40,7 @@ def ray_epochs(split: str, args):
     """Generator: one Ray Data epoch per ``next()``, returning images/s."""
     from rayhash.data import collate_torch, read_shards
 
-    ds = read_shards(split, mode="train", image_size=args.image_size, shuffle=True, batch_size=args.batch_size,
-                     shuffle_buffer=args.shuffle_buffer)
+    ds = read_shards(split, mode="train", image_size=args.image_size, shuffle=True, batch_size=args.batch_size)
     while True:
         t, n = time.perf_counter(), 0
         for batch in ds.iter_torch_batches(batch_size=args.batch_size, collate_fn=collate_torch, prefetch_batches=4):
@@ -78,9 +78,10 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, default=None, help="crop size (default: native)")
     p.add_argument("--cpus", type=int, default=2, help="CPUs for each side (Ray num_cpus / DataLoader workers)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--shuffle-buffer", type=int, default=500)
+    p.add_argument("--shuffle-buffer", type=int, default=None, help="webdataset buffer (default: --shard-size)")
     p.add_argument("--epochs", type=int, default=3, help="measured epochs per side (after one warm-up)")
     args = p.parse_args(argv)
+    args.shuffle_buffer = args.shuffle_buffer or args.shard_size
 
     os.environ.setdefault("RAYHASH_PROGRESS", "0")
     import ray

@@ -35,7 +35,7 @@ def test_two_train_workers_disjoint_cover_each_epoch(data_cifar_small, tmp_path,
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # test module: not importable by workers
     info = load_dataset_info(data_cifar_small)
     expected = {r["key"]: r["label"] for r in read_shards(str(data_cifar_small / "test"), mode="raw").take_all()}
-    ds = read_shards(str(data_cifar_small / "test"), mode="train", shuffle=True, seed=1, shuffle_buffer=64)
+    ds = read_shards(str(data_cifar_small / "test"), mode="train", shuffle=True, seed=1)
     out = tmp_path / "keys"
     out.mkdir()
     trainer = TorchTrainer(_loop, train_loop_config={"dir": str(out)},

@@ -125,10 +125,21 @@ def _targets(ref) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _shuffle_rows(batch, seed: int):
-    """Local shuffle buffer: permute the rows of a ``shuffle_buffer``-sized batch."""
+    """Permute the rows of one read block (a shard, or a piece of a large shard), seeded by its first key."""
     first = batch.column("__key__")[0].as_py() if batch.num_rows else ""
     rng = np.random.default_rng([seed, zlib.crc32(str(first).encode())])
     return batch.take(rng.permutation(batch.num_rows))
+
+
+def _decode_block(block, batch_size: int, shuffle_seed: int | None, **decode_kwargs):
+    """One whole read block -> decoded batches of ``batch_size`` rows (a generator, so memory stays bounded).
+
+    Taking whole blocks (``map_batches(batch_size=None)``) lets Ray fuse this stage into the read task: one task
+    per shard reads, shuffles and decodes, with no hand-off of raw bytes between stages."""
+    if shuffle_seed is not None:
+        block = _shuffle_rows(block, shuffle_seed)
+    for start in range(0, max(block.num_rows, 1), batch_size):
+        yield _decode_batch(block.slice(start, batch_size), **decode_kwargs)
 
 
 def _decode_batch(batch, mode: str, image_size: int | None, targets_ref, counter,
@@ -214,15 +225,17 @@ def load_caption_embeddings(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 def read_shards(source: str | Sequence[str], *, mode: str = "train", image_size: int | None = None,
                 shuffle: bool = False, seed: int = 0, caption_embeddings: str | None = None,
-                shuffle_buffer: int = 1000, batch_size: int = 64, concurrency: int | None = None,
+                batch_size: int = 64, concurrency: int | None = None,
                 classes: Sequence[int] | None = None, with_source: bool = False):
     """Stream WebDataset shards as a ``ray.data.Dataset`` with columns ``key`` (str), ``image``, ``label``
     (int64, -1 when unlabelled) and, with ``caption_embeddings`` (Parquet key -> embedding), ``target``.
 
     ``mode``: ``"train"`` (random resized crop + flip, normalised float32 (3,S,S)), ``"eval"`` (resize + center
     crop, normalised) or ``"raw"`` (uint8 (H,W,3), resized + cropped only when ``image_size`` is given).
-    ``shuffle=True``: file order shuffled (reseeded every epoch from ``seed``) plus a local shuffle buffer of
-    ``shuffle_buffer`` samples; for more mixing also pass ``local_shuffle_buffer_size`` to ``iter_torch_batches``.
+    ``shuffle=True``: file order shuffled (reseeded every epoch from ``seed``) and the rows of each shard permuted
+    inside its read task (no extra pipeline stage); to mix rows across shards as well, pass
+    ``local_shuffle_buffer_size`` to ``iter_torch_batches`` (training does, from ``data.shuffle_buffer``).
+    ``batch_size``: rows decoded per call (output blocks hold whole shards either way).
     Works as a Ray Train dataset (``TorchTrainer(datasets={"train": ds})`` + ``get_dataset_shard``) and for
     ``map_batches`` inference. ``classes``: keep only samples with these labels (before decoding).
     ``with_source``: add a ``source`` column, the shard URL each row came from. Skipped samples: see
@@ -242,12 +255,13 @@ def read_shards(source: str | Sequence[str], *, mode: str = "train", image_size:
         urls, decoder=None, filerename=_rename_image, suffixes=["img", "cls", "json", "txt"],
         shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True) if shuffle else None,
         concurrency=concurrency, override_num_blocks=min(len(urls), 4096))  # >= one read task per shard
-    if shuffle and shuffle_buffer > 1:
-        ds = ds.map_batches(_shuffle_rows, batch_size=shuffle_buffer, batch_format="pyarrow",
-                            fn_kwargs={"seed": seed}, concurrency=concurrency)
+    # Ray Data's per-operator resource reservation held the fused read+decode stage to one task at a time on a
+    # 2-CPU node (half the CPUs reserved away from it); without it the stage uses every CPU (2x measured).
+    ds.context.op_resource_reservation_enabled = False
     targets_ref = ray.put(load_caption_embeddings(caption_embeddings)) if caption_embeddings else None
-    return ds.map_batches(_decode_batch, batch_size=batch_size, batch_format="pyarrow", concurrency=concurrency,
-                          fn_kwargs={"mode": mode, "image_size": image_size, "targets_ref": targets_ref,
+    return ds.map_batches(_decode_block, batch_size=None, batch_format="pyarrow", concurrency=concurrency,
+                          fn_kwargs={"batch_size": batch_size, "shuffle_seed": seed if shuffle else None,
+                                     "mode": mode, "image_size": image_size, "targets_ref": targets_ref,
                                      "counter": counter,
                                      "classes": None if classes is None else frozenset(int(c) for c in classes),
                                      "with_source": with_source})
