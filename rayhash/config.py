@@ -27,7 +27,7 @@ class DataConfig(_Section):
     image_size: int = Field(32, ge=8, le=1024)
     targets: Literal["hierarchy", "captions", "none"] = "hierarchy"
     caption_embeddings: str | None = None  # Parquet of `rayhash data embed-captions`; default DS/caption_embeddings.parquet
-    shuffle_buffer: int = Field(2048, ge=0)  # per-worker buffer mixing rows across shards; 0 = shard order + in-shard shuffle only
+    shuffle_buffer: int = Field(2048, ge=0)  # rows mixed across shards per worker; 0: in-shard shuffle only
     train_classes: list[int] | None = None  # train on these labels only (zero-shot: eval --classes the others)
 
     @field_validator("path", "caption_embeddings")
