@@ -62,10 +62,11 @@ def loss_step(model, loss_fn, batch: dict, config: RunConfig, generator: torch.G
     return total, terms, z
 
 
-def code_stats(z: torch.Tensor) -> dict[str, float]:
-    """Bit balance (mean over bits of |mean bit|; 0 = balanced) and quantisation error mean |z - sign z|."""
+def code_stats(z: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Bit balance (mean over bits of |mean bit|; 0 = balanced) and quantisation error mean |z - sign z|, as
+    0-d tensors on z's device."""
     b = torch.where(z >= 0, 1.0, -1.0)
-    return {"bit_balance": float(b.mean(0).abs().mean()), "quant_error": float((z - b).abs().mean())}
+    return {"bit_balance": b.mean(0).abs().mean(), "quant_error": (z - b).abs().mean()}
 
 
 def _maybe_fail(fault: str | None, rank: int, step: int) -> None:
@@ -147,7 +148,7 @@ def validate(model, val: dict[str, np.ndarray], similarity: np.ndarray, k: int, 
             dist, labels, labels, similarity, k=k, query_db_index=idx))
         out[f"val_mAP_{name}"] = _mean_average_precision(dist, labels)
     out["val_gap"] = out[f"val_mAHP@{k}_continuous"] - out[f"val_mAHP@{k}_binary"]
-    out.update({f"val_{key}": v for key, v in code_stats(z).items()})
+    out.update({f"val_{key}": float(v) for key, v in code_stats(z).items()})
     model.train()
     return out
 
@@ -208,7 +209,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> list[dict]:
     for epoch in range(start_epoch, t.epochs):
         _seed(t.seed + 1000 * epoch + rank)  # reproducible per epoch regardless of resume
         t0 = time.perf_counter()
-        batches = shard.iter_torch_batches(batch_size=local_bs, drop_last=True, device=device,
+        batches = shard.iter_torch_batches(batch_size=local_bs, drop_last=True, device=device, prefetch_batches=4,
                                            local_shuffle_buffer_size=config.data.shuffle_buffer or None,
                                            local_shuffle_seed=t.seed + 1000 * epoch + rank)
         sums, n_steps, seen = _run_epoch(batches, steps_per_epoch, step, (model, opt, sched, loss_fn), config,
@@ -265,9 +266,10 @@ def _run_epoch(batches, max_steps: int, step: int, training, config: RunConfig, 
         n += 1
         if loop_cfg.get("trace_dir"):
             seen.extend(batch["label"].tolist())
-        for key, v in {**{k: float(v) for k, v in terms.items()}, **code_stats(z.detach())}.items():
-            sums[key] = sums.get(key, 0.0) + v
+        for key, v in {**terms, **code_stats(z.detach())}.items():  # summed on the device: no per-step sync
+            sums[key] = sums[key] + v if key in sums else v
         t_prev = time.perf_counter()
+    sums = {k: float(v) for k, v in sums.items()}
     sums["data_wait_s"] = wait  # time blocked on the input pipeline (summed; averaged per step on report)
     return sums, n, seen
 

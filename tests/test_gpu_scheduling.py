@@ -1,0 +1,68 @@
+"""The GPU code paths' Ray side on a CPU machine: a two-node cluster whose worker node advertises one (logical) GPU.
+
+Encoding and the Ray-mode index then take their GPU defaults (one encoder actor per GPU, ``num_gpus=1``; one index
+actor holding the GPU): Ray must place them on the GPU node, and with no CUDA / faiss GPU there they must fall back
+to the CPU and give exactly the results of the CPU paths. CUDA kernels themselves need a GPU machine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from rayhash.index import ShardedIndex, build_index, read_codes
+
+GPU_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import ray
+    from ray.cluster_utils import Cluster
+    from rayhash.encode import encode_dataset
+    from rayhash.index import ShardedIndex, read_codes
+
+    ckpt, data, out, index_dir = sys.argv[1:5]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    gpu_node = cluster.add_node(num_cpus=2, num_gpus=1)
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        summary = encode_dataset(ckpt, data, out, batch_size=100)
+        codes = read_codes(out)
+        with ShardedIndex.open(index_dir, mode="ray", actors=1) as index:
+            free_gpus = ray.available_resources().get("GPU", 0)
+            res = index.search(codes.codes[:20], k=7)
+        print("RESULT", json.dumps({"count": summary["count"], "free_gpus_while_open": free_gpus,
+                                    "keys": res.keys.tolist(), "distances": res.distances.tolist()}))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_gpu_defaults_schedule_on_gpu_node_and_match_cpu(data_cifar_small, index_tiny_checkpoint, tmp_path,
+                                                        ray_local):
+    from rayhash.encode import encode_dataset
+
+    cpu_codes = tmp_path / "cpu-codes"
+    encode_dataset(index_tiny_checkpoint, str(data_cifar_small / "test"), str(cpu_codes), batch_size=100)
+    build_index(str(cpu_codes), str(tmp_path / "index"), shards=3)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", GPU_SCRIPT, str(index_tiny_checkpoint), str(data_cifar_small / "test"),
+                           str(tmp_path / "gpu-codes"), str(tmp_path / "index")],
+                          env=env, capture_output=True, text=True, timeout=360)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert got["free_gpus_while_open"] == 0  # the index actor holds the node's GPU
+    a, b = read_codes(str(cpu_codes)), read_codes(str(tmp_path / "gpu-codes"))
+    assert got["count"] == len(a) > 0
+    np.testing.assert_array_equal(a.keys, b.keys)  # same samples, same order, same codes
+    np.testing.assert_array_equal(a.codes, b.codes)
+    with ShardedIndex.open(str(tmp_path / "index"), mode="local") as local:
+        want = local.search(a.codes[:20], k=7)
+    assert got["keys"] == want.keys.tolist() and got["distances"] == want.distances.tolist()
