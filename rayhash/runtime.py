@@ -75,3 +75,19 @@ def cluster_has_gpus() -> bool:
     import ray
 
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def require_cpu_headroom(need: float, what: str, fix: str, address: str | None = None) -> None:
+    """``need`` CPUs held by long-lived workers (``what``) must leave one CPU of the Ray cluster for Ray Data's read
+    tasks, or the pipeline waits forever: an error on a local instance, a warning when connected to a cluster
+    (``address`` / ``$RAY_ADDRESS``: an autoscaler may add nodes)."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0)
+    if need <= total - 1:
+        return
+    msg = f"{what} = {need:g} CPUs leaves no CPU for Ray Data reading on this Ray cluster ({total:g} CPUs): {fix}"
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        raise ValueError(msg)
+    get_logger("rayhash").warning("%s; continuing in case the cluster autoscales", msg)
+

@@ -170,3 +170,17 @@ def test_encode_killed_midway_then_rerun_matches(encoded, data_cifar_small, inde
     np.testing.assert_array_equal(a.codes, b.codes)
     np.testing.assert_array_equal(a.labels, b.labels)
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in encoded[0].iterdir())
+
+
+def test_encode_refuses_cpu_actors_that_starve_the_reader(data_cifar_small, index_tiny_checkpoint, tmp_path,
+                                                          ray_local):
+    """As many CPU encoder actors as the instance has CPUs would leave none for reading shards: a clear error
+    naming the setting instead of a pipeline that waits forever."""
+    import ray
+
+    from rayhash.encode import encode_dataset
+
+    cpus = int(ray.cluster_resources()["CPU"])
+    with pytest.raises(ValueError, match="encode concurrency.*lower --concurrency"):
+        encode_dataset(index_tiny_checkpoint, str(data_cifar_small / "test"), str(tmp_path / "c"), concurrency=cpus)
+    assert not list((tmp_path / "c").glob("*.parquet"))

@@ -141,8 +141,8 @@ def test_workers_that_leave_no_cpu_for_data_fail_fast(ray_local):
 
     total = ray.cluster_resources()["CPU"]
     fits = load_config({}, ["train.num_workers=1", f"train.cpus_per_worker={total - 1}"]).train
-    check_cpu_headroom(fits, grows=False)  # leaves exactly one CPU: fine
+    check_cpu_headroom(fits)  # leaves exactly one CPU: fine
     starved = load_config({}, ["train.num_workers=2", f"train.cpus_per_worker={total / 2}"]).train
     with pytest.raises(ValueError, match="train.cpus_per_worker"):
-        check_cpu_headroom(starved, grows=False)
-    check_cpu_headroom(starved, grows=True)  # a cluster that may autoscale: only a warning
+        check_cpu_headroom(starved)
+    check_cpu_headroom(starved, address="auto")  # a cluster that may autoscale: only a warning

@@ -116,7 +116,7 @@ def encode_dataset(checkpoint: str | os.PathLike, data: str | os.PathLike | Sequ
 
     from rayhash.data import read_shards, shard_urls
     from rayhash.model import load_checkpoint
-    from rayhash.runtime import cluster_has_gpus, init_ray
+    from rayhash.runtime import cluster_has_gpus, init_ray, require_cpu_headroom
 
     out, checkpoint = _abs(str(out)), _abs(str(checkpoint))
     loaded = load_checkpoint(checkpoint)
@@ -142,6 +142,9 @@ def encode_dataset(checkpoint: str | os.PathLike, data: str | os.PathLike | Sequ
             cpus = int(ray.cluster_resources().get("CPU", 1))
             concurrency = max(1, int(ray.cluster_resources().get("GPU", 0))) if num_gpus else max(1, min(4, cpus - 1))
             concurrency = min(concurrency, len(todo))  # more actors than input tars would sit idle
+        if not num_gpus:
+            require_cpu_headroom(concurrency, "encode concurrency (CPU encoder actors, 1 CPU each)",
+                                 "lower --concurrency, or add nodes", address)
         ds = read_shards([urls[i] for i in todo], mode="eval", image_size=image_size, with_source=True)
         ds = ds.map_batches(EncodeBatch, fn_constructor_kwargs={"checkpoint": checkpoint}, batch_size=batch_size,
                             concurrency=concurrency, num_gpus=num_gpus, num_cpus=0 if num_gpus else 1,

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from rayhash import storage
 from rayhash.config import RunConfig
-from rayhash.runtime import get_logger
+from rayhash.runtime import get_logger, require_cpu_headroom
 
 log = get_logger("rayhash.train")
 RUN_NAME = "train"
@@ -42,21 +42,11 @@ def _has_run(storage_path: str) -> bool:
     return storage.exists(storage.join(storage_path, RUN_NAME))
 
 
-def check_cpu_headroom(t, grows: bool) -> None:
-    """Training workers must leave at least one CPU for Ray Data decoding, or training waits for data forever:
-    an error on a local instance, a warning on a cluster (an autoscaler may add nodes)."""
-    import ray
-
-    total = ray.cluster_resources().get("CPU", 0)
-    need = t.num_workers * t.cpus_per_worker
-    if need <= total - 1:
-        return
-    msg = (f"train.num_workers x train.cpus_per_worker = {need:g} CPUs leaves no CPU for Ray Data decoding on this "
-           f"Ray cluster ({total:g} CPUs): lower train.cpus_per_worker (e.g. train.cpus_per_worker=1) or "
-           "train.num_workers, or add nodes")
-    if not grows:
-        raise ValueError(msg)
-    log.warning("%s; continuing in case the cluster autoscales", msg)
+def check_cpu_headroom(t, address: str | None = None) -> None:
+    """Training workers must leave at least one CPU for Ray Data decoding (see ``require_cpu_headroom``)."""
+    require_cpu_headroom(t.num_workers * t.cpus_per_worker, "train.num_workers x train.cpus_per_worker",
+                         "lower train.cpus_per_worker (e.g. train.cpus_per_worker=1) or train.num_workers, or add "
+                         "nodes", address)
 
 
 def train(config: RunConfig, out: str, *, resume: bool = False, address: str | None = None) -> TrainResult:
@@ -96,7 +86,7 @@ def train(config: RunConfig, out: str, *, resume: bool = False, address: str | N
 
     init_ray(address)
     use_gpu = cluster_has_gpus() if config.train.use_gpu == "auto" else bool(config.train.use_gpu)
-    check_cpu_headroom(config.train, grows=bool(address or os.environ.get("RAY_ADDRESS")))
+    check_cpu_headroom(config.train, address)
     columns = ["image", "label"] + (["target"] if d.targets == "captions" else [])
     ds = read_shards(storage.join(d.path, d.train_split), mode="train", image_size=d.image_size, shuffle=True,
                      seed=config.train.seed, caption_embeddings=caption_embeddings if d.targets == "captions" else None,
