@@ -1,8 +1,8 @@
 """The GPU code paths' Ray side on a CPU machine: a two-node cluster whose worker node advertises one (logical) GPU.
 
-Encoding and the Ray-mode index then take their GPU defaults (one encoder actor per GPU, ``num_gpus=1``; one index
-actor holding the GPU): Ray must place them on the GPU node, and with no CUDA / faiss GPU there they must fall back
-to the CPU and give exactly the results of the CPU paths. CUDA kernels themselves need a GPU machine.
+Caption embedding, encoding and the Ray-mode index then take their GPU defaults (one actor per GPU, ``num_gpus=1``;
+one index actor holding the GPU): Ray must place them on the GPU node, and with no CUDA / faiss GPU there they must
+fall back to the CPU and give the results of the CPU paths. CUDA kernels themselves need a GPU machine.
 """
 from __future__ import annotations
 
@@ -22,14 +22,16 @@ GPU_SCRIPT = textwrap.dedent("""
     import numpy as np
     import ray
     from ray.cluster_utils import Cluster
+    from rayhash.data import embed_captions
     from rayhash.encode import encode_dataset
     from rayhash.index import ShardedIndex, read_codes
 
-    ckpt, data, out, index_dir = sys.argv[1:5]
+    ckpt, data, out, index_dir, captions, emb_out = sys.argv[1:7]
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     gpu_node = cluster.add_node(num_cpus=2, num_gpus=1)
     try:
         ray.init(address=cluster.address, log_to_driver=False)
+        embed_captions(captions, emb_out)
         summary = encode_dataset(ckpt, data, out, batch_size=100)
         codes = read_codes(out)
         with ShardedIndex.open(index_dir, mode="ray", actors=1) as index:
@@ -47,14 +49,23 @@ GPU_SCRIPT = textwrap.dedent("""
 @pytest.mark.timeout(400)
 def test_gpu_defaults_schedule_on_gpu_node_and_match_cpu(data_cifar_small, index_tiny_checkpoint, tmp_path,
                                                         ray_local):
+    import pyarrow.parquet as pq
+
+    from conftest import shared
+    from rayhash.data import convert_captions, embed_captions
     from rayhash.encode import encode_dataset
+
+    captions = tmp_path / "flickr"
+    convert_captions(shared("flickr8k-1k"), str(captions), limit=6, shard_size=3, val_fraction=0.0)
+    embed_captions(str(captions), str(tmp_path / "cpu-emb.parquet"))
 
     cpu_codes = tmp_path / "cpu-codes"
     encode_dataset(index_tiny_checkpoint, str(data_cifar_small / "test"), str(cpu_codes), batch_size=100)
     build_index(str(cpu_codes), str(tmp_path / "index"), shards=3)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run([sys.executable, "-c", GPU_SCRIPT, str(index_tiny_checkpoint), str(data_cifar_small / "test"),
-                           str(tmp_path / "gpu-codes"), str(tmp_path / "index")],
+                           str(tmp_path / "gpu-codes"), str(tmp_path / "index"), str(captions),
+                           str(tmp_path / "gpu-emb.parquet")],
                           env=env, capture_output=True, text=True, timeout=360)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.split("RESULT", 1)[1])
@@ -66,3 +77,7 @@ def test_gpu_defaults_schedule_on_gpu_node_and_match_cpu(data_cifar_small, index
     with ShardedIndex.open(str(tmp_path / "index"), mode="local") as local:
         want = local.search(a.codes[:20], k=7)
     assert got["keys"] == want.keys.tolist() and got["distances"] == want.distances.tolist()
+    emb = [pq.read_table(tmp_path / f"{which}-emb.parquet").sort_by("key") for which in ("cpu", "gpu")]
+    assert emb[0].column("key").to_pylist() == emb[1].column("key").to_pylist() and emb[0].num_rows == 6
+    np.testing.assert_allclose(np.asarray(emb[1].column("embedding").to_pylist()),
+                               np.asarray(emb[0].column("embedding").to_pylist()), atol=1e-5)
