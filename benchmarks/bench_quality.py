@@ -42,6 +42,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
+    p.add_argument("--kl-beta", type=float, default=1.0, help="beta (weight of L_KL / bits) of the KL variant")
     args = p.parse_args()
 
     import numpy as np
@@ -62,6 +63,7 @@ def main() -> None:
     rows = []
     for name in args.variants.split(","):
         alpha, beta = VARIANTS[name]
+        beta = args.kl_beta if beta == "1" else beta
         cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml"), [
             f"data.path={ds}", f"model.backbone={args.backbone}", f"model.bits={args.bits}",
             f"model.width={args.width}", f"loss.alpha={alpha}", f"loss.beta={beta}", f"train.epochs={args.epochs}",
@@ -76,7 +78,7 @@ def main() -> None:
     val_labels = np.repeat(np.arange(info.num_classes), args.test_per_class)
     rand = random_codes_mahp(val_labels, info.similarity_matrix(), args.bits, k)
     print(f"\nCIFAR-100 {args.train_per_class}/class train, {n_val} held-out queries (= database), "
-          f"{args.backbone} {args.bits} bits, {args.epochs} epochs x batch {args.batch_size}")
+          f"{args.backbone} {args.bits} bits, {args.epochs} epochs x batch {args.batch_size}, KL beta {args.kl_beta:g}")
     print(f"{'variant':18s} {'mAHP@' + str(k) + ' bin':>13s} {'continuous':>11s} {'gap':>7s} {'mAP bin':>8s} "
           f"{'quant err':>9s} {'bit bal':>8s} {'time':>6s}")
     for r in rows:
