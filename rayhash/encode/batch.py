@@ -98,17 +98,13 @@ def _remove_stale_temps(out: str) -> None:
                 os.remove(os.path.join(out, name))
 
 
-def _abs(uri: str) -> str:
-    return uri if storage.is_remote(uri) else os.path.abspath(uri)
-
-
 def encode_dataset(checkpoint: str | os.PathLike, data: str | os.PathLike | Sequence[str], out: str | os.PathLike,
                    *, batch_size: int = 256, concurrency: int | None = None, num_gpus: float | None = None,
                    address: str | None = None) -> dict[str, Any]:
     """Encode a split's shards into ``OUT/codes-%05d.parquet`` (one per input tar) + ``OUT/codes.json``.
 
-    Ray Data actor pool of ``concurrency`` encoders (default: one per GPU, else up to 4 CPU actors leaving a CPU for reading), ``num_gpus`` per
-    actor (default 1 when the cluster has GPUs, else 0). Resumable: outputs present from an earlier run are kept.
+    Ray Data actor pool of ``concurrency`` encoders (default: one per GPU, else up to 4 CPU actors leaving a CPU
+    for reading), ``num_gpus`` per actor (default 1 when the cluster has GPUs, else 0). Resumable: outputs present from an earlier run are kept.
     Returns the ``codes.json`` summary (bits, checkpoint, per-shard counts, skipped corrupt samples) plus
     ``timing`` (seconds in all, seconds to the first encoded batch, rows encoded by this call).
     """
@@ -118,7 +114,7 @@ def encode_dataset(checkpoint: str | os.PathLike, data: str | os.PathLike | Sequ
     from rayhash.model import load_checkpoint
     from rayhash.runtime import cluster_has_gpus, init_ray, require_cpu_headroom
 
-    out, checkpoint = _abs(str(out)), _abs(str(checkpoint))
+    out, checkpoint = storage.absolute(out), storage.absolute(checkpoint)
     loaded = load_checkpoint(checkpoint)
     bits, image_size = loaded.bits, loaded.image_size
     urls = shard_urls(data if isinstance(data, (str, os.PathLike)) else list(data))
@@ -222,7 +218,7 @@ def _write_summary(out: str, outputs: list[str], urls: list[str], skipped: dict[
     shards = [{"file": os.path.basename(o), "source": u, "count": code_file_rows(o)[0], "skipped": skipped[i]}
               for i, (o, u) in enumerate(zip(outputs, urls))]
     summary = {"bits": bits, "checkpoint": checkpoint,
-               "data": _abs(str(data)) if isinstance(data, (str, os.PathLike)) else None,
+               "data": storage.absolute(data) if isinstance(data, (str, os.PathLike)) else None,
                "label_names": label_names, "count": sum(s["count"] for s in shards),
                "skipped_corrupt": sum(s["skipped"] for s in shards), "shards": shards,
                "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}

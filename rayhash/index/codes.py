@@ -87,15 +87,11 @@ def read_code_file(uri: str) -> CodeTable:
     return CodeTable(keys, codes, labels, codes.shape[1] * 8)
 
 
-def _norm(uri: str | os.PathLike) -> str:
-    return str(uri) if storage.is_remote(uri) else os.path.abspath(str(uri))
-
-
 def list_code_files(codes: str | os.PathLike | Sequence[str]) -> list[str]:
     """The code shard files of a codes dir (sorted), a single file, or an explicit list."""
     if not isinstance(codes, (str, os.PathLike)):
-        return [_norm(c) for c in codes]
-    codes = _norm(codes)
+        return [storage.absolute(c) for c in codes]
+    codes = storage.absolute(codes)
     if codes.endswith(".parquet"):
         return [codes]
     files = storage.list_files(codes, ".parquet")

@@ -35,7 +35,7 @@ def plan_steps(config: RunConfig, n_train: int) -> int:
 
 def _storage(config: RunConfig, out: str) -> str:
     path = config.train.storage_path or storage.join(out, "ray")
-    return path if storage.is_remote(path) else os.path.abspath(path)
+    return storage.absolute(path)
 
 
 def _has_run(storage_path: str) -> bool:
@@ -62,7 +62,7 @@ def train(config: RunConfig, out: str, *, resume: bool = False, address: str | N
     from rayhash.runtime import cluster_has_gpus, init_ray
 
     config.check_paths()
-    out = str(out) if storage.is_remote(out) else os.path.abspath(out)
+    out = storage.absolute(out)
     store = _storage(config, out)
     if _has_run(store) and not resume:
         raise FileExistsError(f"{out} already holds a training run ({storage.join(store, RUN_NAME)}); pass --resume "
