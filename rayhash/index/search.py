@@ -250,7 +250,9 @@ class ShardGroup:
         order = np.argsort(keys, kind="stable")
         rank = np.empty(len(keys), np.int64)
         rank[order] = np.arange(len(keys))
-        self.sorted_keys, self.sorted_labels = keys[order], labels[order]
+        # sorted key/label tables plus one last row ("", -1) that empty candidate slots look up
+        self.sorted_keys = np.append(keys[order], "")
+        self.sorted_labels = np.append(labels[order], np.int32(-1)).astype(np.int32)
         self.stride = len(keys) + 1
         offsets = np.cumsum([0] + [s.ntotal for s in shards])
         for s, a in zip(shards, offsets):  # the group's sorted tables replace the shards' own copies
@@ -275,11 +277,9 @@ class ShardGroup:
         parts = self._map(Shard.search, q, k)
         c = parts[0] if len(parts) == 1 else smallest(np.concatenate(parts, axis=1), k)
         missing = c == _EMPTY
-        rank = np.where(missing, 0, c % self.stride)
+        rank = np.where(missing, self.stride - 1, c % self.stride)
         d = np.where(missing, _SENTINEL, c // self.stride).astype(np.int32)
-        keys = np.where(missing, "", self.sorted_keys[rank]) if self.stride > 1 else np.full(c.shape, "", str)
-        labels = np.where(missing, -1, self.sorted_labels[rank] if self.stride > 1 else -1).astype(np.int32)
-        return d, keys, labels
+        return d, self.sorted_keys[rank], self.sorted_labels[rank]
 
     def range_search(self, q: np.ndarray, radius: int) -> tuple[np.ndarray, ...]:
         """``(qid, distances, keys, labels)`` of all codes within ``radius``, sorted by (query, distance, key)."""
