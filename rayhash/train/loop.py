@@ -249,7 +249,7 @@ def _run_epoch(batches, max_steps: int, step: int, training, config: RunConfig, 
     """One pass over this worker's shard: (per-step sums of loss terms and code stats, steps, labels seen)."""
     model, opt, sched, loss_fn = training
     model.train()
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}  # summed on the device: no host sync per step
     seen: list[int] = []
     n, wait, t_prev = 0, 0.0, time.perf_counter()
     for batch in batches:
@@ -266,12 +266,12 @@ def _run_epoch(batches, max_steps: int, step: int, training, config: RunConfig, 
         n += 1
         if loop_cfg.get("trace_dir"):
             seen.extend(batch["label"].tolist())
-        for key, v in {**terms, **code_stats(z.detach())}.items():  # summed on the device: no per-step sync
+        for key, v in {**terms, **code_stats(z.detach())}.items():
             sums[key] = sums[key] + v if key in sums else v
         t_prev = time.perf_counter()
-    sums = {k: float(v) for k, v in sums.items()}
-    sums["data_wait_s"] = wait  # time blocked on the input pipeline (summed; averaged per step on report)
-    return sums, n, seen
+    totals = {k: float(v) for k, v in sums.items()}
+    totals["data_wait_s"] = wait  # time blocked on the input pipeline (summed; averaged per step on report)
+    return totals, n, seen
 
 
 def _write_history(path: str | None, history: list[dict]) -> None:
