@@ -1,12 +1,23 @@
-"""Does each loss term help? Real CIFAR-100, 64 bits, same backbone / steps / seed for:
-(a) CE only, (b) CE + L_sim, (c) CE + L_sim + L_KL. Reports binary-code mAHP@250 on held-out images and the
-binarisation gap (continuous-feature mAHP - binary mAHP), plus random codes as the floor.
+"""Does each loss term help? The loss study on real CIFAR-100 under the reference protocol, over seeds.
 
-    .venv/bin/python benchmarks/bench_quality.py --train-per-class 100 --test-per-class 10 --epochs 6
+Variants share one config (backbone, bits, steps, schedule) and differ only in their loss weights:
+(a) CE only, (b) CE + L_sim, (c) CE + L_sim + L_KL (β and its schedule from the config or ``--set``).
+Each run trains with rayhash's own Ray Train path; its last validation is the reference protocol of Barz & Denzler
+(queries = database = the whole test split, each query left out of its own ranking). The table gives mean ± sd over
+seeds of mAHP@250 (index ties and expected ties), mAP@1000, P@r≤2, the binarisation gap (continuous − binary mAHP),
+quantisation error, bit balance and mean |bit correlation|, framed by two references on the same labels: a perfect
+*flat* classifier (the query's class first, the rest in random order) and random codes.
+
+    .venv/bin/python benchmarks/bench_quality.py --seeds 0,1,2 --set train.epochs=6   # the study (short budget)
+    .venv/bin/python benchmarks/bench_quality.py --variants c --seeds 0,1,2           # the full CPU recipe
+
+Every finished run is appended to ``--results`` (JSON lines) at once, and runs already there are skipped, so a long
+study survives interruption and can be run in the background.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -14,78 +25,102 @@ import time
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAYHASH_PROGRESS", "0")
 
-VARIANTS = {"a: CE": ("0", "0"), "b: CE+L_sim": ("1", "0"), "c: CE+L_sim+L_KL": ("1", "1")}
+HERE = os.path.dirname(os.path.abspath(__file__))
+VARIANTS = {"a": ("CE", ["loss.alpha=0", "loss.beta=0"]),
+            "b": ("CE+L_sim", ["loss.beta=0"]),
+            "c": ("CE+L_sim+L_KL", [])}  # c: alpha and beta (> 0) as configured / --set
+COLUMNS = ["mAHP@250", "mAHP@250_expected", "mAP@1000", "P@r2", "gap", "quant_error", "bit_balance",
+           "bit_correlation"]
 
 
-def random_codes_mahp(labels, S, bits: int, k: int, seed: int = 0) -> float:
+def _mean_sd(values) -> str:
     import numpy as np
 
-    from rayhash.metrics import hamming_distances, mean_average_hierarchical_precision, pack_codes
+    v = np.asarray(values, dtype=float)
+    return f"{v.mean():.3f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.3f}"
 
-    codes = pack_codes(np.random.default_rng(seed).standard_normal((len(labels), bits)).astype(np.float32))
-    d = hamming_distances(codes, codes)
-    return float(mean_average_hierarchical_precision(d, labels, labels, S, k=k, query_db_index=np.arange(len(labels))))
+
+def _run(args, ds: str, variant: str, seed: int, work: str) -> dict:
+    from rayhash.config import load_config
+    from rayhash.train import train
+
+    name, overrides = VARIANTS[variant]
+    cfg = load_config(args.config, [f"data.path={ds}", f"train.seed={seed}", *args.set, *overrides])
+    if variant == "c" and not (cfg.loss.alpha and cfg.loss.beta):
+        raise SystemExit("variant c needs loss.alpha > 0 and loss.beta > 0: pass e.g. --set loss.beta=0.1")
+    t0 = time.perf_counter()
+    last = train(cfg, os.path.join(work, f"{variant}-{seed}")).metrics[-1]
+    metrics = {key.removeprefix("val_"): v for key, v in last.items() if key.startswith("val_")}
+    return {"variant": variant, "name": name, "seed": seed, "set": args.set, "config": args.config,
+            "seconds": time.perf_counter() - t0, "epochs": cfg.train.epochs, **metrics}
+
+
+def _table(rows: list[dict], refs: dict[str, list[float]]) -> str:
+    lines = [f"| variant | runs | {' | '.join(COLUMNS)} | time / run |", "|---" * (len(COLUMNS) + 3) + "|"]
+    for v in sorted({r["variant"] for r in rows}):
+        rs = [r for r in rows if r["variant"] == v]
+        cells = [_mean_sd([r[c] for r in rs]) if all(c in r for r in rs) else "" for c in COLUMNS]
+        lines.append(f"| ({v}) {rs[0]['name']} | {len(rs)} | {' | '.join(cells)} | "
+                     f"{sum(r['seconds'] for r in rs) / len(rs):.0f} s |")
+    for name, vals in refs.items():
+        lines.append(f"| {name} | {len(vals)} | {_mean_sd(vals)} |" + " |" * (len(COLUMNS)))
+    return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cifar", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                                                   "cifar-100-python.tar.gz"))
-    p.add_argument("--train-per-class", type=int, default=100)
-    p.add_argument("--test-per-class", type=int, default=10)
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--backbone", default="tiny_cnn")
-    p.add_argument("--width", type=int, default=32)
-    p.add_argument("--bits", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
-    p.add_argument("--kl-beta", type=float, default=1.0, help="beta (weight of L_KL / bits) of the KL variant")
+    p.add_argument("--cifar", default=os.path.join(HERE, "..", "..", "shared", "data", "cifar-100-python.tar.gz"),
+                   help="CIFAR-100 python-version archive (default: the shared offline copy)")
+    p.add_argument("--config", default=os.path.join(HERE, "..", "configs", "cifar100-cpu.yaml"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every variant, repeatable (e.g. --set train.epochs=6)")
+    p.add_argument("--variants", default="a,b,c", help="comma-separated subset of a, b, c")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    p.add_argument("--limit", type=int, default=None, help="images per class and split (default: all)")
+    p.add_argument("--results", default=None, help="JSON-lines file of finished runs (default: a temp folder)")
+    p.add_argument("--work", default=None, help="folder for the dataset and runs (default: a temp folder)")
     args = p.parse_args()
+    args.config = os.path.abspath(args.config)
 
     import numpy as np
     import ray
 
-    from rayhash.config import load_config
     from rayhash.data import convert_cifar100, load_dataset_info
-    from rayhash.train import train
+    from rayhash.data.stream import read_shards
+    from rayhash.metrics import flat_classifier_mahp, random_codes_mahp
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    work = tempfile.mkdtemp(prefix="bench-quality-")
+    work = args.work or tempfile.mkdtemp(prefix="bench-quality-")
+    results = args.results or os.path.join(work, "results.jsonl")
+    ray.init(include_dashboard=False, log_to_driver=False)
     ds = os.path.join(work, "cifar")
-    convert_cifar100(args.cifar, ds, shard_size=2500,
-                     limit_per_class={"train": args.train_per_class, "test": args.test_per_class})
+    convert_cifar100(args.cifar, ds, limit_per_class=args.limit)
     info = load_dataset_info(ds)
-    n_val = info.count("test")
-    k = min(250, n_val - 1)
-    rows = []
-    for name in args.variants.split(","):
-        alpha, beta = VARIANTS[name]
-        beta = args.kl_beta if beta == "1" else beta
-        cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml"), [
-            f"data.path={ds}", f"model.backbone={args.backbone}", f"model.bits={args.bits}",
-            f"model.width={args.width}", f"loss.alpha={alpha}", f"loss.beta={beta}", f"train.epochs={args.epochs}",
-            f"train.batch_size={args.batch_size}", f"train.lr={args.lr}", f"train.num_workers={args.workers}",
-            f"train.seed={args.seed}", "train.use_gpu=false", f"validation.subset={n_val}", f"validation.k={k}",
-            f"validation.every={args.epochs}", f"train.checkpoint_every={args.epochs}"])
-        t0 = time.perf_counter()
-        last = train(cfg, os.path.join(work, name.split(":")[0])).metrics[-1]
-        rows.append((name, last[f"val_mAHP@{k}_binary"], last[f"val_mAHP@{k}_continuous"], last["val_gap"],
-                     last["val_mAP_binary"], last["val_quant_error"], last["val_bit_balance"], time.perf_counter() - t0))
-        print(f"done {name} in {rows[-1][-1]:.0f}s", flush=True)
-    val_labels = np.repeat(np.arange(info.num_classes), args.test_per_class)
-    rand = random_codes_mahp(val_labels, info.similarity_matrix(), args.bits, k)
-    print(f"\nCIFAR-100 {args.train_per_class}/class train, {n_val} held-out queries (= database), "
-          f"{args.backbone} {args.bits} bits, {args.epochs} epochs x batch {args.batch_size}, KL beta {args.kl_beta:g}")
-    print(f"{'variant':18s} {'mAHP@' + str(k) + ' bin':>13s} {'continuous':>11s} {'gap':>7s} {'mAP bin':>8s} "
-          f"{'quant err':>9s} {'bit bal':>8s} {'time':>6s}")
-    for r in rows:
-        print(f"{r[0]:18s} {r[1]:13.4f} {r[2]:11.4f} {r[3]:7.4f} {r[4]:8.4f} {r[5]:9.3f} {r[6]:8.3f} {r[7]:5.0f}s")
-    print(f"{'random codes':18s} {rand:13.4f}")
-    for r in rows:
-        print(f"ratio {r[0]} / random: {r[1] / rand:.3f}")
+    done = [json.loads(x) for x in open(results)] if os.path.exists(results) else []
+    key = lambda r: (r["variant"], r["seed"], tuple(r["set"]), r["config"])  # noqa: E731
+    t_start = time.perf_counter()
+    for variant in args.variants.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            if any(key(r) == (variant, seed, tuple(args.set), args.config) for r in done):
+                continue
+            row = _run(args, ds, variant, seed, work)
+            done.append(row)
+            with open(results, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"done ({variant}) seed {seed}: mAHP@250 {row.get('mAHP@250', float('nan')):.4f} "
+                  f"in {row['seconds']:.0f} s", flush=True)
+    rows = [r for r in done if tuple(r["set"]) == tuple(args.set) and r["config"] == args.config]
+    labels = np.concatenate([b["label"] for b in read_shards(os.path.join(ds, "test"), mode="eval").select_columns(
+        ["label"]).iter_batches(batch_size=4096, batch_format="numpy")])
+    S = info.similarity_matrix()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    refs = {"perfect flat classifier": [flat_classifier_mahp(labels, S, 250, s) for s in seeds],
+            "random codes": [random_codes_mahp(labels, S, rows[0].get("bits", 64) if rows else 64, 250, s)
+                             for s in seeds]}
+    print(f"\nCIFAR-100 ({info.count('train')} train / {len(labels)} test images), reference protocol "
+          f"(queries = database = test split), config {os.path.relpath(args.config)} {' '.join(args.set)}; "
+          f"mean ± sd over seeds {args.seeds}; this invocation took {time.perf_counter() - t_start:.0f} s\n")
+    print(_table(rows, refs))
+    print(f"\nruns: {results}")
     ray.shutdown()
 
 

@@ -11,7 +11,9 @@ from typing import Any, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "cifar_resnet", "tiny_cnn")
+BACKBONES = ("resnet18", "resnet34", "resnet50", "cifar_resnet", "resnet9", "tiny_cnn")
+BETA_SCHEDULES = ("constant", "ramp")  # rayhash.losses.hashing.beta_at
+KL_DISTANCES = ("l2", "l1")  # rayhash.losses.kl.DISTANCES
 
 
 class _Section(BaseModel):
@@ -40,10 +42,10 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    backbone: Literal["resnet18", "resnet34", "resnet50", "cifar_resnet", "tiny_cnn"] = "cifar_resnet"
+    backbone: Literal[BACKBONES] = "cifar_resnet"
     bits: int = Field(64, ge=16, le=128)
     pretrained: str | None = None  # local .pt/.pth state_dict for the torchvision backbone; never downloaded
-    width: int = Field(32, ge=4, le=512)  # channels of the first tiny_cnn block (tiny_cnn only)
+    width: int = Field(32, ge=4, le=512)  # channels of the first block (tiny_cnn, resnet9)
 
     @field_validator("bits")
     @classmethod
@@ -63,6 +65,13 @@ class LossConfig(_Section):
     uniformity: float = Field(0.1, ge=0, le=1)  # u: target = (1-u)·corners + u·uniform cube
     similarity: Literal["relative", "softmax"] = "relative"  # form of L_sim
     tau: float = Field(0.1, gt=0)  # temperature of the softmax form
+    beta_schedule: Literal[BETA_SCHEDULES] = "constant"  # constant | ramp (0 until beta_start, then linear)
+    beta_start: float = Field(0.0, ge=0, le=1)  # ramp: fraction of training before L_KL is switched on
+    beta_ramp: float = Field(0.0, ge=0, le=1)  # ramp: fraction of training over which beta rises to its value
+    kl_samples: float = Field(1.0, gt=0)  # m target samples = kl_samples x n outputs (n includes the queue)
+    kl_distance: Literal[KL_DISTANCES] = "l2"  # norm of the k-NN KL estimator (l1 = Hamming on corners)
+    kl_queue: int = Field(0, ge=0)  # recent detached outputs added to the estimator's sample (0 = off)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)  # of the cross-entropy term
 
 
 class TrainConfig(_Section):
@@ -75,7 +84,9 @@ class TrainConfig(_Section):
     min_lr_ratio: float = Field(0.0, ge=0, le=1)  # cosine decays to lr·min_lr_ratio
     use_gpu: bool | Literal["auto"] = "auto"  # auto = GPU when the Ray cluster has GPUs
     cpus_per_worker: float = Field(1.0, gt=0)
-    mixed_precision: bool = True  # torch.autocast on GPU only
+    mixed_precision: bool = True  # bf16 autocast where the device has bf16 (GPU; CPU with AVX512-BF16/AMX)
+    threads: int | None = Field(None, ge=1)  # torch threads per worker on CPU (default: cpus_per_worker)
+    optimizer: Literal["adamw", "sgd"] = "adamw"  # sgd = Nesterov momentum 0.9
     max_failures: int = Field(2, ge=-1)  # worker-group restarts from the last checkpoint (-1 = forever)
     checkpoint_every: int = Field(1, ge=1)  # epochs between checkpoints (the last epoch always saves)
     keep_checkpoints: int = Field(2, ge=1)
@@ -86,7 +97,8 @@ class TrainConfig(_Section):
 
 
 class ValidationConfig(_Section):
-    subset: int = Field(1000, ge=0)  # held-out images used as queries AND database (0 = no validation)
+    subset: int | None = Field(None, ge=0)  # held-out images used as queries AND database (null = the whole
+    # split: the reference protocol; 0 = no validation)
     k: int = Field(250, ge=1)  # mAHP@k
     every: int = Field(1, ge=1)  # epochs between validations (the last epoch always validates)
 

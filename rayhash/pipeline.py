@@ -17,6 +17,7 @@ log = get_logger("pipeline")
 
 DEFAULT_CONFIGS = {"synthetic": "demo", "cifar100": "cifar100", "captions": "conceptual_captions",
                    "imagefolder": "imagenet"}
+DEMO_CONFIGS = {"synthetic": "demo", "cifar100": "cifar100-cpu", "captions": "demo", "imagefolder": "demo"}  # CPU-sized
 
 
 def find_config(name_or_path: str) -> str:
@@ -60,7 +61,9 @@ def _required(source: str | None, dataset: str) -> str:
 def run_pipeline(out: str, *, dataset: str = "synthetic", source: str | None = None, config: str | None = None,
                  overrides: list[str] = (), index_shards: int = 2, limit: int | None = None,
                  address: str | None = None) -> dict:
-    """Run every stage into ``out`` (data/, run/, codes/, index/, eval/); returns the eval metrics."""
+    """Run every stage into ``out`` (data/, run/, codes/, index/, eval/); returns the eval metrics of the database
+    protocol (queries = the held-out split, database = the training split), with the reference protocol's
+    (queries = database = the held-out split, Barz & Denzler; written to eval/reference/) under ``"reference"``."""
     from rayhash.config import load_config
     from rayhash.data import embed_captions, load_dataset_info
     from rayhash.encode import encode_dataset
@@ -90,21 +93,28 @@ def run_pipeline(out: str, *, dataset: str = "synthetic", source: str | None = N
     log.info("[4/5] building a %d-shard binary index", index_shards)
     resumed = storage.exists(storage.join(paths["index"], "manifest.json"))  # a re-run indexes only new code files
     build_index(paths["codes"], paths["index"], index_type="flat", shards=index_shards, append=resumed)
-    log.info("[5/5] evaluating %s queries against the index", query_split)
-    return evaluate(paths["index"], result.checkpoint, storage.join(paths["data"], query_split), paths["eval"])
+    log.info("[5/5] evaluating %s queries against the index, then on their own (reference protocol)", query_split)
+    queries = storage.join(paths["data"], query_split)
+    metrics = evaluate(paths["index"], result.checkpoint, queries, paths["eval"])
+    metrics["reference"] = evaluate(None, result.checkpoint, queries, storage.join(paths["eval"], "reference"),
+                                    protocol="reference")
+    return metrics
 
 
 def results_table(metrics: dict) -> str:
-    """A small fixed-width table of the headline metrics."""
-    rows = [(k, metrics[k]) for k in ("mAHP@250", "mAHP@250_expected", "mAHP@250_random", "mAP@1000", "P@r2",
-                                      "bits", "n_queries", "n_database") if k in metrics]
-    width = max(len(k) for k, _ in rows)
+    """A small fixed-width table of the headline metrics, one column per protocol present."""
+    columns = [("database", metrics)] + ([("reference", metrics["reference"])] if "reference" in metrics else [])
+    names = [k for k in ("mAHP@250", "mAHP@250_expected", "mAHP@250_random", "mAP@1000", "P@r2", "bits",
+                         "n_queries", "n_database") if any(k in m for _, m in columns)]
+    width = max(len(k) for k in names)
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
-    return "\n".join(f"  {k:<{width}}  {fmt(v)}" for k, v in rows)
+    head = f"  {'protocol':<{width}}" + "".join(f"  {name:>10}" for name, _ in columns)
+    return "\n".join([head] + [f"  {k:<{width}}" + "".join(f"  {fmt(m[k]) if k in m else '':>10}" for _, m in columns)
+                               for k in names])
 
 
 def _run(args: argparse.Namespace) -> int:
-    config = args.config or ("demo" if args.command == "demo" else None)
+    config = args.config or (DEMO_CONFIGS[args.dataset] if args.command == "demo" else None)
     metrics = run_pipeline(args.out, dataset=args.dataset, source=args.data, config=config,
                            overrides=args.overrides, index_shards=args.index_shards,
                            limit=args.limit, address=args.address)
@@ -126,7 +136,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="which converter to run (default: synthetic, needs no data)")
         p.add_argument("--data", default=None, help="raw data for the converter (cifar100: empty = download)")
         p.add_argument("--config", default=None,
-                       help="YAML config (default: configs/demo.yaml for demo, the dataset's config for pipeline)")
+                       help="YAML config (default for demo: configs/demo.yaml, cifar100: configs/cifar100-cpu.yaml; "
+                            "for pipeline: the dataset's config)")
         p.add_argument("--out", default=f"runs/{name}", help="output folder (default: %(default)s)")
         p.add_argument("--index-shards", type=int, default=2, help="index shards (default: %(default)s)")
         p.add_argument("--limit", type=int, default=None,

@@ -70,6 +70,18 @@ def torch_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def bf16_supported(device) -> bool:
+    """Whether bf16 autocast is fast on ``device``: a CUDA GPU with bf16 (Ampere or newer), or a CPU whose oneDNN
+    has native bf16 (AVX512-BF16 / AMX); elsewhere bf16 is emulated or refused, so training stays float32."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
 def cluster_has_gpus() -> bool:
     """True when the connected Ray cluster advertises GPUs."""
     import ray

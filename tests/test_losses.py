@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rayhash.losses import (HashingLoss, all_gather_with_grad, code_distance, embedding_target_distance,
+from rayhash.losses import (HashingLoss, beta_at, all_gather_with_grad, code_distance, embedding_target_distance,
                             knn_kl_divergence, label_target_distance, relative_similarity_loss,
                             sample_binary_target)
 
@@ -30,6 +30,71 @@ def test_knn_kl_matches_gaussian_kl(d):
     # and P == Q gives ~0
     same = knn_kl_divergence(torch.randn(n, d, generator=g), torch.randn(n, d, generator=g))
     assert abs(float(same)) < 0.1
+
+
+@pytest.mark.parametrize("d", [2, 4])
+def test_knn_kl_l1_distance_and_queue_match_gaussian_kl(d):
+    """The L1 estimator and the queue-enlarged sample estimate the same KL: ball-volume constants cancel for any
+    norm, and extra samples of P only shrink rho_k. x: 1000 with grad, a 3000-sample queue of the same P."""
+    g = torch.Generator().manual_seed(10 + d)
+    mu, s, n = 1.0, 1.5, 4000
+    truth = gaussian_kl(d, mu, s)
+    draw = lambda m: torch.randn(m, d, generator=g, dtype=torch.float64)  # noqa: E731
+    l1 = [float(knn_kl_divergence(draw(n), draw(n) * s + mu / math.sqrt(d), p=1)) for _ in range(3)]
+    queued = [float(knn_kl_divergence(draw(1000), draw(n) * s + mu / math.sqrt(d), extra=draw(3000)))
+              for _ in range(3)]
+    for est in (l1, queued):
+        assert abs(sum(est) / 3 - truth) < 0.1 + 0.1 * truth, (est, truth)
+    x = draw(50).requires_grad_()
+    knn_kl_divergence(x, draw(60), extra=draw(40), p=1).backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_beta_schedule():
+    """constant: beta throughout; ramp: exactly 0 before its start, then linear to beta over the ramp, then flat."""
+    assert [beta_at(2.0, p) for p in (0.0, 0.5, 1.0)] == [2.0, 2.0, 2.0]
+    for p in (0.0, 0.1, 0.299):
+        assert beta_at(2.0, p, "ramp", start=0.3, ramp=0.4) == 0.0
+    for p in (0.3, 0.4, 0.55, 0.7):
+        assert beta_at(2.0, p, "ramp", start=0.3, ramp=0.4) == pytest.approx(2.0 * (p - 0.3) / 0.4)
+    assert beta_at(2.0, 0.9, "ramp", start=0.3, ramp=0.4) == 2.0
+    assert beta_at(2.0, 0.5, "ramp", start=0.5, ramp=0.0) == 2.0  # a step
+    with pytest.raises(ValueError, match="beta_schedule"):
+        beta_at(1.0, 0.5, "cosine")
+
+
+def test_hashing_loss_float32_under_bf16_autocast():
+    """Under CPU bf16 autocast, with bf16 network outputs, every term comes out float32 and equals the float32
+    computation on the same (bf16-valued) outputs; the KL estimator's distances would tie in bf16."""
+    g = torch.Generator().manual_seed(3)
+    n, d, C = 48, 32, 6
+    S = torch.rand(C, C, generator=g)
+    S = (S + S.T) / 2
+    S.fill_diagonal_(1.0)
+    labels = torch.randint(0, C, (n,), generator=g)
+    z16 = torch.tanh(3 * torch.randn(n, d, generator=g)).to(torch.bfloat16)
+    logits16 = torch.randn(n, C, generator=g).to(torch.bfloat16)
+    loss = HashingLoss(alpha=0.5, beta=1.0, similarity=S, kl_distance="l1", kl_samples=2.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, terms = loss(z16, logits16, labels=labels, generator=torch.Generator().manual_seed(1))
+    ref_total, ref = loss(z16.float(), logits16.float(), labels=labels, generator=torch.Generator().manual_seed(1))
+    assert total.dtype == torch.float32 and all(v.dtype == torch.float32 for v in terms.values())
+    for key in ("ce", "sim", "kl", "loss"):
+        assert torch.allclose(terms[key], ref[key], rtol=1e-5, atol=1e-6), key
+    assert float(terms["kl"]) != 0.0
+
+
+def test_hashing_loss_queue_and_sample_multiple():
+    """kl_queue keeps the last outputs (FIFO, detached) and they join the estimator's sample; kl_samples sets m."""
+    g = torch.Generator().manual_seed(4)
+    loss = HashingLoss(alpha=0.0, beta=1.0, kl_queue=20, kl_samples=3.0)
+    b1, b2 = torch.tanh(torch.randn(16, 8, generator=g)), torch.tanh(torch.randn(16, 8, generator=g))
+    loss(b1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(loss.queue, b1)
+    _, terms = loss(b2, generator=torch.Generator().manual_seed(0))
+    y = sample_binary_target(3 * 32, 8, 0.1, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(terms["kl"], knn_kl_divergence(b2, y, extra=b1) / 8)
+    assert torch.equal(loss.queue, torch.cat([b2, b1])[:20]) and not loss.queue.requires_grad
 
 
 def test_knn_kl_larger_far_from_corners():

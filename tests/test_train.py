@@ -46,7 +46,8 @@ def test_two_workers_on_cifar_loss_decreases_and_workers_see_different_data(
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == list(range(5))
     assert (tmp_path / "run" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert {"val_mAHP@50_binary", "val_mAHP@50_continuous", "val_gap", "val_mAP_binary"} <= set(last)
+    assert {"val_mAHP@50", "val_mAHP@50_expected", "val_mAHP@50_continuous", "val_gap", "val_mAP@99", "val_P@r2",
+            "val_quant_error", "val_bit_balance", "val_bit_correlation", "beta"} <= set(last)
     loaded = load_checkpoint(tmp_path / "run")
     assert loaded.bits == 32 and loaded.meta["epoch"] == 4 and len(loaded.label_names) == 100
     assert "val_gap" not in hist[0]  # validation only every 5 epochs
@@ -146,3 +147,26 @@ def test_workers_that_leave_no_cpu_for_data_fail_fast(ray_local):
     with pytest.raises(ValueError, match="train.cpus_per_worker"):
         check_cpu_headroom(starved)
     check_cpu_headroom(starved, address="auto")  # a cluster that may autoscale: only a warning
+
+
+@pytest.mark.parametrize("configured, splits, expected", [
+    ("test", {"train", "test"}, "test"),
+    ("test", {"train", "val"}, "val"),  # a Tiny-ImageNet layout: val, not test
+    ("val", {"train", "validation"}, "validation"),
+    ("test", {"train"}, None),
+    (None, {"train", "test"}, None),
+])
+def test_validation_split_falls_back_to_the_one_that_exists(configured, splits, expected, caplog):
+    """Training validates on data.val_split, or on an existing val/validation/test split, and says so."""
+    from types import SimpleNamespace
+
+    from rayhash.config import DataConfig
+    from rayhash.train.driver import _validation_source
+
+    d = DataConfig(path="/data/ds", val_split=configured)
+    info = SimpleNamespace(splits={s: {} for s in splits})
+    with caplog.at_level("WARNING", logger="rayhash"):
+        got = _validation_source(d, info)
+    assert got == (f"/data/ds/{expected}" if expected else None)
+    if configured and configured not in splits:
+        assert configured in caplog.text and ("instead" in caplog.text or "without validation" in caplog.text)

@@ -7,6 +7,10 @@ Targets:
   from the top-j similarities over the whole database. mAP / P@r need classes and are not reported.
 
 Self-matches (a query whose key is in the database) are removed from its ranking, as in Barz & Denzler.
+
+Protocols: ``database`` searches the queries in a built index; ``reference`` (Barz & Denzler) uses the query split
+as its own database (an exact in-memory flat index over the query codes), each query left out of its own ranking —
+the setting of published figures. Both score through the same functions.
 """
 from __future__ import annotations
 
@@ -30,43 +34,64 @@ class Ranking:
     keys: np.ndarray
 
 
-def evaluate(index: str, checkpoint: str | None, queries: str, out: str, *, k: int = 250, map_k: int = 1000,
-             radius: int = 2, targets: str = "auto", max_queries: int | None = None, classes: list[int] | None = None,
-             caption_embeddings: str | None = None, mode: str = "local", address: str | None = None,
-             seed: int = 0) -> dict:
+PROTOCOLS = ("database", "reference")
+
+
+def evaluate(index: str | None, checkpoint: str | None, queries: str, out: str, *, protocol: str = "database",
+             k: int = 250, map_k: int = 1000, radius: int = 2, targets: str = "auto", max_queries: int | None = None,
+             classes: list[int] | None = None, caption_embeddings: str | None = None, mode: str = "local",
+             address: str | None = None, seed: int = 0) -> dict:
     """Encode ``queries`` (a split folder of shards) with ``checkpoint`` (default: the index's), search ``index``
     and write ``out/metrics.json``, ``out/per_query.parquet`` and PNG plots. Returns the metrics.
 
-    ``classes`` restricts the queries to those labels (zero-shot protocol: train on seen classes, query with
-    unseen ones against the whole database)."""
+    ``protocol="reference"``: the database is the (restricted) query set itself, ``index`` is optional (only its
+    checkpoint is used). ``classes`` restricts the queries to those labels (zero-shot protocol: train on seen
+    classes, query with unseen ones against the whole database); ``max_queries`` subsamples them."""
     from rayhash.data import load_dataset_info
-    from rayhash.index import ShardedIndex
+    from rayhash.index import ShardedIndex, read_manifest
     from rayhash.runtime import init_ray
 
+    _check_protocol(protocol, index, checkpoint)
     init_ray(address)
-    idx = ShardedIndex.open(index, mode=mode)
-    checkpoint = checkpoint or idx.checkpoint
+    idx = ShardedIndex.open(index, mode=mode) if protocol == "database" else None
+    checkpoint = checkpoint or (idx.checkpoint if idx is not None else read_manifest(index).get("checkpoint"))
     if not checkpoint:
         raise ValueError(f"{index}: manifest names no checkpoint; pass --checkpoint RUN")
     info = load_dataset_info(queries)
     targets = ("captions" if info.kind == "captions" else "hierarchy") if targets == "auto" else targets
     q = _query_codes(checkpoint, queries, out, max_queries, classes, seed)
+    if idx is None:  # reference protocol: the queries are the database
+        idx = ShardedIndex.from_codes(q, checkpoint)
     if q.bits != idx.bits:
         raise ValueError(f"checkpoint {checkpoint} gives {q.bits}-bit codes but index {index} holds {idx.bits}-bit")
-    log.info("evaluating %d queries against %d database codes (%s targets)", len(q), idx.ntotal, targets)
-    if targets == "hierarchy":
-        metrics, per_query = hierarchy_metrics(idx, q, info.similarity_matrix(), k, map_k, radius, seed)
-    elif targets == "captions":
-        emb = caption_embeddings or storage.join(info.root, "caption_embeddings.parquet")
-        metrics, per_query = caption_metrics(idx, q, emb, k)
-    else:
-        raise ValueError(f"--targets must be hierarchy, captions or auto, got {targets!r}")
-    metrics.update({"n_queries": len(q), "n_database": idx.ntotal, "bits": idx.bits, "targets": targets,
-                    "index": str(index), "checkpoint": str(checkpoint), "queries": str(queries)})
+    log.info("evaluating %d queries against %d database codes (%s targets, %s protocol)", len(q), idx.ntotal,
+             targets, protocol)
+    with idx:
+        if targets == "hierarchy":
+            metrics, per_query = hierarchy_metrics(idx, q, info.similarity_matrix(), k, map_k, radius, seed)
+        elif targets == "captions":
+            emb = caption_embeddings or storage.join(info.root, "caption_embeddings.parquet")
+            metrics, per_query = caption_metrics(idx, q, emb, k)
+        else:
+            raise ValueError(f"--targets must be hierarchy, captions or auto, got {targets!r}")
+    metrics.update({"protocol": protocol, "n_queries": len(q), "n_database": idx.ntotal, "bits": idx.bits,
+                    "targets": targets, "index": str(index) if protocol == "database" else None,
+                    "checkpoint": str(checkpoint), "queries": str(queries)})
     _write_outputs(out, metrics, q, per_query)
     _plots(out, q, metrics.pop("_hp_curve"), metrics.pop("_hp_curve_random", None))
-    idx.close()
     return metrics
+
+
+def _check_protocol(protocol, index, checkpoint):
+    """Argument errors, before anything starts."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if protocol == "database" and not index:
+        raise ValueError("--protocol database needs --index INDEX (or use --protocol reference: the query split is "
+                         "its own database)")
+    if protocol == "reference" and not (index or checkpoint):
+        raise ValueError("--protocol reference without --index needs --checkpoint RUN (the run that encodes the "
+                         "query split)")
 
 
 # ------------------------------------------------------------------------------------------ queries
@@ -145,11 +170,11 @@ def hierarchy_metrics(idx, q, S, k: int = 250, map_k: int = 1000, radius: int = 
     ap = average_precision_ranked(top.labels, q.labels, map_k)
     within = idx.range_search(q.codes, radius)
     p_r = np.array([_precision_within(within[i], q.keys[i], q.labels[i]) for i in range(len(q))])
-    ahp, ahp_exp = trapezoid_ahp(hp, k), trapezoid_ahp(hp_exp, k)
+    ahp, ahp_exp = (trapezoid_ahp(h, h.shape[1]) for h in (hp, hp_exp))  # k capped at the database size
     rand_hp = _random_codes_hp(q, idx, S, counts, k, seed)
     metrics = {f"mAHP@{k}": float(ahp.mean()), f"mAHP@{k}_expected": float(ahp_exp.mean()),
                f"mAP@{map_k}": float(ap.mean()), f"P@r{radius}": float(p_r.mean()),
-               f"mAHP@{k}_random": float(trapezoid_ahp(rand_hp, k).mean()),
+               f"mAHP@{k}_random": float(trapezoid_ahp(rand_hp, rand_hp.shape[1]).mean()),
                "_hp_curve": hp.mean(axis=0), "_hp_curve_random": rand_hp.mean(axis=0)}
     per_query = {f"AHP@{k}": ahp, f"AHP@{k}_expected": ahp_exp, f"AP@{map_k}": ap, f"P@r{radius}": p_r}
     return metrics, per_query

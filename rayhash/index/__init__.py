@@ -5,6 +5,7 @@ from rayhash.index import read_codes, build_index, ShardedIndex
 build_index("CODES", "INDEX", index_type="flat", shards=4)
 with ShardedIndex.open("INDEX", mode="local") as index:
     res = index.search(read_codes("CODES").codes[:5], k=10)   # res.distances, res.keys, res.labels
+index = ShardedIndex.from_codes(read_codes("CODES"))          # the same, exact flat, in memory: no files
 ```
 """
 from __future__ import annotations

@@ -7,8 +7,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from rayhash.index.build import read_manifest
-from rayhash.index.search import RangeResult, SearchResult, ShardGroup, finish, merge_ranges, merge_topk, \
+from rayhash.index.build import make_faiss_index, read_manifest
+from rayhash.index.codes import CodeTable
+from rayhash.index.search import RangeResult, SearchResult, Shard, ShardGroup, finish, merge_ranges, merge_topk, \
     ranges_to_result
 from rayhash.runtime import get_logger
 
@@ -115,6 +116,18 @@ class ShardedIndex:
         if checkpoint is not None:
             index._check_encoder()
         return index
+
+    @classmethod
+    def from_codes(cls, table: CodeTable, checkpoint: str | None = None, *, use_gpu: bool = True) -> "ShardedIndex":
+        """An exact flat index over a :class:`CodeTable`, held in this process (one shard, no files written):
+        searched like an opened index, ties broken by key. ``checkpoint``: the run that produced the codes."""
+        if not len(table):
+            raise ValueError("from_codes needs at least one code")
+        shard = Shard("<memory>", make_faiss_index("flat", table.bits, {}, table.codes),
+                      np.asarray(table.keys, dtype=str), np.asarray(table.labels, dtype=np.int32), "flat", {}, use_gpu)
+        manifest = {"bits": table.bits, "index_type": "flat", "params": {}, "checkpoint": checkpoint,
+                    "ntotal": len(table), "shards": [{"index": "<memory>", "count": len(table)}]}
+        return cls("<memory>", manifest, "local", group=ShardGroup([shard], threads=1), checkpoint=checkpoint)
 
     # ------------------------------------------------------------------ properties
     @property

@@ -16,6 +16,26 @@ def _tiny_cnn(width: int) -> tuple[nn.Module, int]:
     return nn.Sequential(*layers), 4 * w
 
 
+def _resnet9(width: int) -> tuple[nn.Module, int]:
+    """The fast CIFAR ResNet-9 of the DAWNBench entries (prep, 3 stages with 2 residual blocks, global max-pool),
+    channels ``width``..``8·width``: at width 32 it trains at ~600 img/s on 2 CPU cores (bf16), ~40 % of the cost of
+    width 64."""
+    def cbr(cin: int, cout: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                             nn.ReLU(inplace=True))
+
+    w = width
+    net = nn.Sequential(cbr(3, w), cbr(w, 2 * w), nn.MaxPool2d(2), _Residual(cbr(2 * w, 2 * w), cbr(2 * w, 2 * w)),
+                        cbr(2 * w, 4 * w), nn.MaxPool2d(2), cbr(4 * w, 8 * w), nn.MaxPool2d(2),
+                        _Residual(cbr(8 * w, 8 * w), cbr(8 * w, 8 * w)), nn.AdaptiveMaxPool2d(1), nn.Flatten())
+    return net, 8 * w
+
+
+class _Residual(nn.Sequential):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + super().forward(x)
+
+
 def _torchvision_resnet(name: str, pretrained: str | None, cifar_stem: bool) -> tuple[nn.Module, int]:
     import torchvision
 
@@ -42,6 +62,8 @@ def build_backbone(name: str, *, pretrained: str | None = None, width: int = 32)
     """(feature extractor, feature dim) for a backbone name from rayhash.config.BACKBONES."""
     if name == "tiny_cnn":
         return _tiny_cnn(width)
+    if name == "resnet9":
+        return _resnet9(width)
     if name == "cifar_resnet":
         return _torchvision_resnet("resnet18", pretrained, cifar_stem=True)
     if name in ("resnet18", "resnet34", "resnet50"):

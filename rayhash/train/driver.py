@@ -92,10 +92,7 @@ def train(config: RunConfig, out: str, *, resume: bool = False, address: str | N
                      seed=config.train.seed, caption_embeddings=caption_embeddings if d.targets == "captions" else None,
                      classes=d.train_classes)
     ds = ds.select_columns(columns).limit(steps * config.train.batch_size)
-    val_source = storage.join(d.path, d.val_split) if d.val_split and d.val_split in info.splits else None
-    if d.val_split and not val_source:
-        log.warning("data.val_split %r not in %s (splits: %s): no validation metrics", d.val_split, d.path,
-                    sorted(info.splits))
+    val_source = _validation_source(d, info)
     storage.makedirs(out)
     loop_cfg = {
         "config": config.model_dump(), "num_classes": num_classes, "steps_per_epoch": steps,
@@ -132,6 +129,24 @@ def train(config: RunConfig, out: str, *, resume: bool = False, address: str | N
     return TrainResult(checkpoint=final, metrics=history, ray_checkpoint=result.checkpoint.path)
 
 
+def _validation_source(d, info) -> str | None:
+    """The split validated on: ``data.val_split``, or, when the dataset has no such split, the first of
+    val / validation / test that it has (a Tiny-ImageNet layout has ``val``), said at the start."""
+    if not d.val_split:
+        return None
+    split = d.val_split
+    if split not in info.splits:
+        found = [s for s in ("val", "validation", "test") if s in info.splits and s != d.train_split]
+        if not found:
+            log.warning("data.val_split %r not in %s (splits: %s) and no val/validation/test split to use instead: "
+                        "training runs without validation metrics", split, d.path, sorted(info.splits))
+            return None
+        log.warning("data.val_split %r not in %s (splits: %s): validating on %r instead (set data.val_split to "
+                    "choose)", split, d.path, sorted(info.splits), found[0])
+        split = found[0]
+    return storage.join(d.path, split)
+
+
 def _entry(loop_cfg: dict) -> list[dict]:
     from rayhash.train.loop import train_loop_per_worker
 
@@ -166,8 +181,10 @@ def plot_curves(history: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     epochs = [h["epoch"] + 1 for h in history]
-    panels = [("loss terms", ["loss", "ce", "sim", "kl"]), ("codes", ["bit_balance", "quant_error"]),
-              ("validation", sorted({k for h in history for k in h if k.startswith(("val_mAHP", "val_mAP"))}))]
+    panels = [("loss terms", ["loss", "ce", "sim", "kl", "beta"]), ("codes (training batches)",
+                                                                 ["bit_balance", "quant_error"]),
+              ("validation (reference protocol)",
+               sorted({k for h in history for k in h if k.startswith(("val_mAHP", "val_mAP", "val_P@"))}))]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, (title, keys) in zip(axes, panels):
         for key in keys:

@@ -15,7 +15,7 @@ from rayhash import storage
 from rayhash.config import RunConfig
 from rayhash.model import HashNet, save_model_files
 from rayhash.model.checkpoint import STATE_FILE
-from rayhash.runtime import get_logger
+from rayhash.runtime import bf16_supported, get_logger
 
 log = get_logger("rayhash.train")
 
@@ -32,34 +32,43 @@ def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
 
 def build_training(config: RunConfig, num_classes: int, steps_per_epoch: int, similarity=None):
     """(model, optimizer, scheduler, loss) on CPU, unwrapped; the same for every worker and for benchmarks.
-    ``similarity`` (C, C) is the L_sim target for ``data.targets=hierarchy``; captions use the batch embeddings."""
+    ``similarity`` (C, C) is the L_sim target for ``data.targets=hierarchy``; captions use the batch embeddings.
+    The model is in channels-last memory format (faster convolutions on CPU and GPU)."""
     from rayhash.losses import HashingLoss
 
-    model = HashNet.from_config(config.model, num_classes)
+    model = HashNet.from_config(config.model, num_classes).to(memory_format=torch.channels_last)
     t = config.train
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    if t.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=0.9, nesterov=True, weight_decay=t.weight_decay)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     total = t.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lr_lambda(int(round(t.warmup_epochs * steps_per_epoch)), total, t.min_lr_ratio))
-    c = config.loss
-    loss = HashingLoss(alpha=c.alpha, beta=c.beta, k=c.k, uniformity=c.uniformity, sim_form=c.similarity,
-                       tau=c.tau, similarity=similarity if config.data.targets == "hierarchy" else None)
+    loss = HashingLoss.from_config(config.loss, similarity if config.data.targets == "hierarchy" else None)
     return model, opt, sched, loss
 
 
 def loss_step(model, loss_fn, batch: dict, config: RunConfig, generator: torch.Generator | None = None,
-              autocast: bool = False):
-    """Forward + hashing loss on one (local) batch; L_sim / L_KL see the global batch under DDP.
+              autocast: bool = False, beta: float | None = None):
+    """Forward (under bf16 autocast when ``autocast``) + hashing loss in float32 on one (local) batch; L_sim / L_KL
+    see the global batch under DDP. ``beta``: the scheduled β of this step (default: the configured one).
 
     Returns (total, terms, z) with ``terms`` detached floats-as-tensors (loss, ce, sim, kl)."""
-    x = batch["image"]
+    x = batch["image"].contiguous(memory_format=torch.channels_last)
     with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=autocast):
         z, logits = model(x)
-    z = z.float()
-    logits = logits.float() if logits is not None else None
     emb = batch.get("target") if config.data.targets == "captions" else None
-    total, terms = loss_fn(z, logits, labels=batch.get("label"), embeddings=emb, generator=generator)
-    return total, terms, z
+    total, terms = loss_fn(z, logits, labels=batch.get("label"), embeddings=emb, generator=generator, beta=beta)
+    return total, terms, z.float()
+
+
+def scheduled_beta(config: RunConfig, step: int, total_steps: int) -> float:
+    """β of ``loss.beta_schedule`` at optimiser step ``step`` of ``total_steps``."""
+    from rayhash.losses.hashing import beta_at
+
+    c = config.loss
+    return beta_at(c.beta, step / max(1, total_steps), c.beta_schedule, c.beta_start, c.beta_ramp)
 
 
 def code_stats(z: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -113,9 +122,10 @@ def _val_arrays(loop_cfg: dict, config: RunConfig) -> dict[str, np.ndarray] | No
 
     DataContext.get_current().enable_progress_bars = False  # inside a worker: keep the logs readable
     n = config.validation.subset
-    if not loop_cfg.get("val_source") or n <= 0:
+    if not loop_cfg.get("val_source") or n == 0:
         return None
-    ds = read_shards(loop_cfg["val_source"], mode="eval", image_size=config.data.image_size).limit(n)
+    ds = read_shards(loop_cfg["val_source"], mode="eval", image_size=config.data.image_size)
+    ds = ds.limit(n) if n else ds
     images, labels = [], []
     for b in ds.select_columns(["image", "label"]).iter_batches(batch_size=256, batch_format="numpy"):
         images.append(np.asarray(b["image"], np.float32))
@@ -127,36 +137,16 @@ def _val_arrays(loop_cfg: dict, config: RunConfig) -> dict[str, np.ndarray] | No
 
 @torch.no_grad()
 def validate(model, val: dict[str, np.ndarray], similarity: np.ndarray, k: int, device) -> dict[str, float]:
-    """mAHP@k and mAP of binary codes (Hamming) and continuous z (L1, = scaled Hamming on corners), all-vs-all
-    with the query left out of its own ranking; ``gap`` = continuous - binary."""
-    from rayhash.metrics import hamming_distances, mean_average_hierarchical_precision, pack_codes
+    """The reference protocol on the validation split (queries = database, each query left out of its own
+    ranking): ``rayhash.metrics.reference_metrics`` of the model's outputs, keys prefixed ``val_``."""
+    from rayhash.metrics import reference_metrics
 
     model.eval()
     zs = [model(torch.from_numpy(val["image"][i:i + 256]).to(device))[0].float().cpu()
           for i in range(0, len(val["image"]), 256)]
-    z = torch.cat(zs)
-    labels = val["label"]
-    n = len(labels)
-    idx = np.arange(n)
-    packed = pack_codes(z.numpy())
-    d_bin = hamming_distances(packed, packed)
-    d_cont = torch.cdist(z, z, p=1).numpy()
-    k = min(k, n - 1)
-    out = {}
-    for name, dist in (("binary", d_bin), ("continuous", d_cont)):
-        out[f"val_mAHP@{k}_{name}"] = float(mean_average_hierarchical_precision(
-            dist, labels, labels, similarity, k=k, query_db_index=idx))
-        out[f"val_mAP_{name}"] = _mean_average_precision(dist, labels)
-    out["val_gap"] = out[f"val_mAHP@{k}_continuous"] - out[f"val_mAHP@{k}_binary"]
-    out.update({f"val_{key}": float(v) for key, v in code_stats(z).items()})
     model.train()
-    return out
-
-
-def _mean_average_precision(dist: np.ndarray, labels: np.ndarray) -> float:
-    from rayhash.metrics import mean_average_precision
-
-    return float(mean_average_precision(dist, labels, labels, query_db_index=np.arange(len(labels))))
+    metrics = reference_metrics(torch.cat(zs).numpy(), val["label"], similarity, k=k)
+    return {f"val_{key}": v for key, v in metrics.items()}
 
 
 def _reduce_mean(sums: dict[str, float], count: int, device) -> dict[str, float]:
@@ -185,11 +175,16 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> list[dict]:
     steps_per_epoch = int(loop_cfg["steps_per_epoch"])
     local_bs = t.batch_size // world
     similarity = loop_cfg.get("similarity")
+    if device.type == "cpu":
+        torch.set_num_threads(t.threads or max(1, int(t.cpus_per_worker)))
     _seed(t.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
     model, opt, sched, loss_fn = build_training(config, loop_cfg["num_classes"], steps_per_epoch, similarity)
     loss_fn.to(device)
     model = ray.train.torch.prepare_model(model)
-    autocast = device.type == "cuda" and t.mixed_precision
+    autocast = t.mixed_precision and bf16_supported(device)
+    if rank == 0:
+        log.info("worker on %s: bf16 autocast %s, %d torch threads", device, "on" if autocast else "off",
+                 torch.get_num_threads())
 
     start_epoch, step, history = 0, 0, []
     ckpt = ray.train.get_checkpoint()
@@ -258,7 +253,8 @@ def _run_epoch(batches, max_steps: int, step: int, training, config: RunConfig, 
             break
         _maybe_fail(loop_cfg.get("fault"), rank, step + n)
         gen.manual_seed(config.train.seed * 1_000_003 + step + n)  # same KL target sample on every rank
-        total, terms, z = loss_step(model, loss_fn, batch, config, gen, autocast)
+        beta = scheduled_beta(config, step + n, max_steps * config.train.epochs)
+        total, terms, z = loss_step(model, loss_fn, batch, config, gen, autocast, beta)
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
@@ -266,7 +262,7 @@ def _run_epoch(batches, max_steps: int, step: int, training, config: RunConfig, 
         n += 1
         if loop_cfg.get("trace_dir"):
             seen.extend(batch["label"].tolist())
-        for key, v in {**terms, **code_stats(z.detach())}.items():
+        for key, v in {**terms, "beta": torch.tensor(beta), **code_stats(z.detach())}.items():
             sums[key] = sums[key] + v if key in sums else v
         t_prev = time.perf_counter()
     totals = {k: float(v) for k, v in sums.items()}
