@@ -8,8 +8,9 @@ seeds of mAHP@250 (index ties and expected ties), mAP@1000, P@r≤2, the binaris
 quantisation error, bit balance and mean |bit correlation|, framed by two references on the same labels: a perfect
 *flat* classifier (the query's class first, the rest in random order) and random codes.
 
+    export RAYHASH_DATA=/path/to/data   # holds cifar-100-python.tar.gz
     .venv/bin/python benchmarks/bench_quality.py --seeds 0,1,2 --set train.epochs=6   # the study (short budget)
-    .venv/bin/python benchmarks/bench_quality.py --variants c --seeds 0,1,2           # the full CPU recipe
+    .venv/bin/python benchmarks/bench_quality.py --variants b --seeds 0,1,2           # the full CPU recipe
 
 Every finished run is appended to ``--results`` (JSON lines) at once, and runs already there are skipped, so a long
 study survives interruption and can be run in the background.
@@ -49,7 +50,7 @@ def _run(args, ds: str, variant: str, seed: int, work: str) -> dict:
     if variant == "c" and not (cfg.loss.alpha and cfg.loss.beta):
         raise SystemExit("variant c needs loss.alpha > 0 and loss.beta > 0: pass e.g. --set loss.beta=0.1")
     t0 = time.perf_counter()
-    last = train(cfg, os.path.join(work, f"{variant}-{seed}")).metrics[-1]
+    last = train(cfg, tempfile.mkdtemp(dir=work, prefix=f"{variant}-{seed}-")).metrics[-1]
     metrics = {key.removeprefix("val_"): v for key, v in last.items() if key.startswith("val_")}
     return {"variant": variant, "name": name, "seed": seed, "set": args.set, "config": args.config,
             "seconds": time.perf_counter() - t0, "epochs": cfg.train.epochs, **metrics}
@@ -69,8 +70,8 @@ def _table(rows: list[dict], refs: dict[str, list[float]]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cifar", default=os.path.join(HERE, "..", "..", "shared", "data", "cifar-100-python.tar.gz"),
-                   help="CIFAR-100 python-version archive (default: the shared offline copy)")
+    p.add_argument("--cifar", default=os.path.join(os.environ.get("RAYHASH_DATA", "."), "cifar-100-python.tar.gz"),
+                   help="CIFAR-100 python-version archive (default: $RAYHASH_DATA/cifar-100-python.tar.gz)")
     p.add_argument("--config", default=os.path.join(HERE, "..", "configs", "cifar100-cpu.yaml"))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every variant, repeatable (e.g. --set train.epochs=6)")

@@ -10,6 +10,7 @@ against random codes on the same items.
 into an index and query it with the test images of the 20 unseen classes; mAHP@250 of (a) CE only and (b) CE + L_sim
 (plus L_KL when the config's β > 0) against random codes.
 
+    export RAYHASH_DATA=/path/to/data   # holds flickr8k-1k/ and cifar-100-python.tar.gz
     .venv/bin/python benchmarks/bench_transfer.py --study captions --seeds 0,1,2
     .venv/bin/python benchmarks/bench_transfer.py --study zeroshot --seeds 0,1,2 --set train.epochs=8
 
@@ -27,7 +28,7 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAYHASH_PROGRESS", "0")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.path.join(HERE, "..", "..", "shared", "data")
+DATA = os.environ.get("RAYHASH_DATA", ".")  # a folder holding cifar-100-python.tar.gz and flickr8k-1k/
 CAPTION_CONFIG = ["model.backbone=resnet9", "model.width=32", "data.image_size=64", "train.epochs=15",
                   "train.batch_size=100", "train.optimizer=sgd", "train.lr=0.05", "train.warmup_epochs=2",
                   "train.num_workers=1", "train.cpus_per_worker=1", "train.threads=2", "loss.beta=0",
@@ -58,7 +59,7 @@ def _captions(args, seed: int, work: str) -> dict:
     cfg = load_config(os.path.join(HERE, "..", "configs", "conceptual_captions.yaml"),
                       [f"data.path={ds}", f"data.caption_embeddings={emb}", f"train.seed={seed}", *CAPTION_CONFIG,
                        *args.set])
-    run = os.path.join(work, f"captions-run-{seed}")
+    run = tempfile.mkdtemp(dir=work, prefix=f"captions-{seed}-")
     ckpt = train(cfg, run).checkpoint
     encode_dataset(ckpt, os.path.join(ds, "train"), os.path.join(run, "codes"))
     build_index(os.path.join(run, "codes"), os.path.join(run, "index"), index_type="flat", shards=1)
@@ -91,7 +92,7 @@ def _zeroshot(args, seed: int, work: str, variant: str) -> dict:
     cfg = load_config(os.path.join(HERE, "..", "configs", "cifar100-cpu.yaml"),
                       [f"data.path={ds}", f"train.seed={seed}", f"data.train_classes={seen}", "validation.subset=0",
                        *args.set, *loss])
-    run = os.path.join(work, f"zeroshot-{variant}-{seed}")
+    run = tempfile.mkdtemp(dir=work, prefix=f"zeroshot-{variant}-{seed}-")
     ckpt = train(cfg, run).checkpoint
     encode_dataset(ckpt, os.path.join(ds, "train"), os.path.join(run, "codes"))
     build_index(os.path.join(run, "codes"), os.path.join(run, "index"), index_type="flat", shards=2)
@@ -103,8 +104,10 @@ def _zeroshot(args, seed: int, work: str, variant: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--study", required=True, choices=["captions", "zeroshot"])
-    p.add_argument("--captions", default=os.path.join(SHARED, "flickr8k-1k"), help="caption collection folder")
-    p.add_argument("--cifar", default=os.path.join(SHARED, "cifar-100-python.tar.gz"), help="CIFAR-100 archive")
+    p.add_argument("--captions", default=os.path.join(DATA, "flickr8k-1k"),
+                   help="caption collection folder (captions.txt + images/; default: $RAYHASH_DATA/flickr8k-1k)")
+    p.add_argument("--cifar", default=os.path.join(DATA, "cifar-100-python.tar.gz"),
+                   help="CIFAR-100 archive (default: $RAYHASH_DATA/cifar-100-python.tar.gz)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--variants", default="a,b", help="zeroshot: a = CE only, b = the config's losses")

@@ -46,6 +46,7 @@ class ModelConfig(_Section):
     bits: int = Field(64, ge=16, le=128)
     pretrained: str | None = None  # local .pt/.pth state_dict for the torchvision backbone; never downloaded
     width: int = Field(32, ge=4, le=512)  # channels of the first block (tiny_cnn, resnet9)
+    hash_norm: bool = False  # BatchNorm before tanh: centred, balanced bits that do not saturate to constants
 
     @field_validator("bits")
     @classmethod

@@ -11,7 +11,7 @@ from rayhash.config import load_config
 from rayhash.model import Encoder, HashNet, load_checkpoint, save_model_files
 
 
-@pytest.mark.parametrize("backbone,size", [("tiny_cnn", 16), ("cifar_resnet", 32), ("resnet18", 64)])
+@pytest.mark.parametrize("backbone,size", [("tiny_cnn", 16), ("cifar_resnet", 32), ("resnet18", 64), ("resnet9", 32)])
 def test_hashnet_shapes_and_range(backbone, size):
     torch.manual_seed(0)
     net = HashNet(backbone, bits=24, num_classes=7, width=8).eval()
@@ -42,8 +42,24 @@ def test_pretrained_weights_from_local_file(tmp_path):
         HashNet("resnet18", bits=16, pretrained=str(tmp_path / "r34.pt"))
 
 
+def test_hash_norm_centres_every_bit():
+    """With hash_norm, a hash layer whose bias pushes every unit to one side still gives balanced, unsaturated bits
+    in training mode (BatchNorm centres each pre-activation on the batch); without it the bits are constant."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 3, 16, 16)
+    for norm in (False, True):
+        net = HashNet("tiny_cnn", bits=16, width=8, hash_norm=norm)
+        lin = net.hash[0] if norm else net.hash
+        with torch.no_grad():
+            lin.bias.fill_(5.0)
+        z, _ = net.train()(x)
+        balance = (torch.where(z >= 0, 1.0, -1.0).mean(0).abs().mean())
+        assert (balance < 0.2) if norm else (balance == 1.0), (norm, balance)
+
+
 def _saved_model(tmp_path, num_classes=5):
-    cfg = load_config(None, ["model.backbone=tiny_cnn", "model.bits=32", "model.width=8", "data.image_size=16"])
+    cfg = load_config(None, ["model.backbone=tiny_cnn", "model.bits=32", "model.width=8", "data.image_size=16",
+                             "model.hash_norm=true"])
     torch.manual_seed(1)
     net = HashNet.from_config(cfg.model, num_classes).eval()
     save_model_files(str(tmp_path / "ck"), net, cfg, {"num_classes": num_classes, "label_names": list("abcde")})

@@ -62,8 +62,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         config = load_config(cfg_path)
     state = torch.load(io.BytesIO(storage.read_bytes(storage.join(ckpt, MODEL_FILE))), map_location=map_location,
                        weights_only=True)
-    model = HashNet(config.model.backbone, config.model.bits, int(meta.get("num_classes", 0)),
-                    width=config.model.width)
+    model = HashNet.from_config(config.model.model_copy(update={"pretrained": None}), int(meta.get("num_classes", 0)))
     model.load_state_dict(state)
     model.eval()
     return LoadedModel(model=model, config=config, bits=config.model.bits, image_size=config.data.image_size,

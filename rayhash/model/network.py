@@ -72,14 +72,17 @@ def build_backbone(name: str, *, pretrained: str | None = None, width: int = 32)
 
 
 class HashNet(nn.Module):
-    """features -> z = tanh(W h + b) in (-1,1)^bits -> logits = classifier(z) (when num_classes > 0)."""
+    """features -> z = tanh(W h + b) in (-1,1)^bits -> logits = classifier(z) (when num_classes > 0).
+
+    ``hash_norm=True`` puts a BatchNorm between the hash layer and tanh: every bit's pre-activation is centred on the
+    batch, so no bit saturates to a constant (balanced bits from the first step)."""
 
     def __init__(self, backbone: str = "tiny_cnn", bits: int = 64, num_classes: int = 0, *,
-                 pretrained: str | None = None, width: int = 32):
+                 pretrained: str | None = None, width: int = 32, hash_norm: bool = False):
         super().__init__()
         self.bits, self.num_classes = bits, num_classes
         self.backbone, dim = build_backbone(backbone, pretrained=pretrained, width=width)
-        self.hash = nn.Linear(dim, bits)
+        self.hash = nn.Sequential(nn.Linear(dim, bits), nn.BatchNorm1d(bits)) if hash_norm else nn.Linear(dim, bits)
         self.classifier = nn.Linear(bits, num_classes) if num_classes > 0 else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -89,4 +92,4 @@ class HashNet(nn.Module):
     @classmethod
     def from_config(cls, model_cfg, num_classes: int) -> "HashNet":
         return cls(model_cfg.backbone, model_cfg.bits, num_classes, pretrained=model_cfg.pretrained,
-                   width=model_cfg.width)
+                   width=model_cfg.width, hash_norm=model_cfg.hash_norm)
