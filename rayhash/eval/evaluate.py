@@ -171,7 +171,7 @@ def hierarchy_metrics(idx, q, S, k: int = 250, map_k: int = 1000, radius: int = 
     within = idx.range_search(q.codes, radius)
     p_r = np.array([_precision_within(within[i], q.keys[i], q.labels[i]) for i in range(len(q))])
     ahp, ahp_exp = (trapezoid_ahp(h, h.shape[1]) for h in (hp, hp_exp))  # k capped at the database size
-    rand_hp = _random_codes_hp(q, idx, S, counts, k, seed)
+    rand_hp = _random_codes_hp(q, idx, S, counts, k, seed, in_db)
     metrics = {f"mAHP@{k}": float(ahp.mean()), f"mAHP@{k}_expected": float(ahp_exp.mean()),
                f"mAP@{map_k}": float(ap.mean()), f"P@r{radius}": float(p_r.mean()),
                f"mAHP@{k}_random": float(trapezoid_ahp(rand_hp, rand_hp.shape[1]).mean()),
@@ -191,8 +191,9 @@ def _precision_within(hit, qkey, qlabel) -> float:
     return float((hit.labels[keep] == qlabel).sum() / n) if n else 0.0
 
 
-def _random_codes_hp(q, idx, S, counts, k, seed):
-    """HP@j of uniformly random codes for the same query and database labels (the chance baseline)."""
+def _random_codes_hp(q, idx, S, counts, k, seed, in_db):
+    """HP@j of uniformly random codes for the same query and database labels (the chance baseline); a query that is
+    in the database (``in_db``) is scored as the real one is, against the others (same k cap and best_j)."""
     from rayhash.metrics import hamming_distances, hierarchical_precision_ranked, rank_dense
 
     rng = np.random.default_rng(seed)
@@ -201,7 +202,7 @@ def _random_codes_hp(q, idx, S, counts, k, seed):
     qc = rng.integers(0, 256, (len(q), nbytes), dtype=np.uint8)
     dbc = rng.integers(0, 256, (len(db_labels), nbytes), dtype=np.uint8)
     rl, _, _ = rank_dense(hamming_distances(qc, dbc), db_labels, k, None, "hamming")
-    return hierarchical_precision_ranked(rl, q.labels, S, counts, k)
+    return hierarchical_precision_ranked(rl, q.labels, S, counts, k, query_in_db=in_db)
 
 
 def caption_metrics(idx, q, emb_path: str, k: int = 250):

@@ -185,7 +185,7 @@ def plot_curves(history: list[dict], path: str) -> None:
                                                                  ["bit_balance", "quant_error"]),
               ("validation (reference protocol)",
                sorted({k for h in history for k in h if k.startswith(("val_mAHP", "val_mAP", "val_P@"))}))]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharex=True)  # validated epochs line up with training
     for ax, (title, keys) in zip(axes, panels):
         for key in keys:
             pts = [(e, h[key]) for e, h in zip(epochs, history) if key in h]
