@@ -31,7 +31,7 @@ VARIANTS = {"a": ("CE", ["loss.alpha=0", "loss.beta=0"]),
             "b": ("CE+L_sim", ["loss.beta=0"]),
             "c": ("CE+L_sim+L_KL", [])}  # c: alpha and beta (> 0) as configured / --set
 COLUMNS = ["mAHP@250", "mAHP@250_expected", "mAP@1000", "P@r2", "gap", "quant_error", "bit_balance",
-           "bit_correlation"]
+           "bit_correlation", "within_r0", "within_r2"]
 
 
 def _mean_sd(values) -> str:

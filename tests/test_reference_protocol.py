@@ -172,6 +172,9 @@ def test_training_validation_metrics_equal_brute_force(k, map_k, radius):
     assert m[f"mAP@{mk}"] == pytest.approx(ref["ap"].mean(), rel=1e-9)
     assert m[f"P@r{radius}"] == pytest.approx(ref["pr"].mean(), rel=1e-9)
     assert m["quant_error"] == pytest.approx(0.1, rel=1e-6)
+    hd = (np.unpackbits(q.codes, axis=1)[:, None, :] != np.unpackbits(q.codes, axis=1)[None, :, :]).sum(axis=2)
+    for r in range(radius + 1):
+        assert m[f"within_r{r}"] == pytest.approx(((hd <= r).sum(axis=1) - 1).mean())
     assert m["bit_balance"] == pytest.approx(np.abs(bits.mean(0)).mean())
     corr = np.abs(np.corrcoef(bits, rowvar=False))
     corr = np.where(np.isnan(corr), 1.0, corr)

@@ -31,7 +31,8 @@ def reference_metrics(z, labels, S, k: int = 250, map_k: int = 1000, radius: int
     ``mAHP@k`` (binary codes, ties in database order), ``mAHP@k_expected`` (expectation over tie orders),
     ``mAHP@k_continuous`` (L1 on z, = scaled Hamming at the corners), ``gap`` = continuous - binary,
     ``mAP@map_k``, ``P@r{radius}`` (precision of everything within the Hamming radius; nothing found counts 0),
-    and :func:`code_statistics`. k and map_k are capped at n - 1."""
+    bucket occupancy ``within_r{0..radius}`` (mean number of other items at Hamming distance <= r: what a
+    hash-table lookup returns) and :func:`code_statistics`. k and map_k are capped at n - 1."""
     z = np.asarray(z, dtype=np.float32)
     labels = np.asarray(labels, dtype=np.int64)
     n = len(labels)
@@ -47,6 +48,8 @@ def reference_metrics(z, labels, S, k: int = 250, map_k: int = 1000, radius: int
            f"mAP@{map_k}": mean_average_precision(d_bin, labels, labels, map_k, idx),
            f"P@r{radius}": precision_at_radius(d_bin, labels, labels, radius, idx)}
     out["gap"] = out[f"mAHP@{k}_continuous"] - out[f"mAHP@{k}"]
+    for r in range(radius + 1):
+        out[f"within_r{r}"] = ((d_bin <= r).sum() - n) / n
     return {key: float(v) for key, v in {**out, **code_statistics(z)}.items()}
 
 
