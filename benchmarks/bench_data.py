@@ -1,7 +1,7 @@
 """Decode + transform throughput (images/s): the Ray Data pipeline (``read_shards``) vs webdataset's own
 ``WebDataset`` + ``WebLoader`` (a torch DataLoader) on the same shards, transform and CPU count.
 
-    python benchmarks/bench_data.py                       # CIFAR-100 subset from ../shared/data, else synthetic
+    python benchmarks/bench_data.py                       # CIFAR-100 subset from $RAYHASH_DATA, else synthetic
     python benchmarks/bench_data.py --ds DS/train --cpus 4 --image-size 64 --epochs 2
 
 Both sides do the same work per sample: PNG/JPEG decode -> RGB -> random resized crop + flip -> normalise, with
@@ -20,15 +20,16 @@ import tempfile
 import time
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar-100-python.tar.gz"
+# a folder holding cifar-100-python.tar.gz (as the other benchmarks); synthetic data when absent
+CIFAR = Path(os.environ.get("RAYHASH_DATA", ".")) / "cifar-100-python.tar.gz"
 
 
 def make_data(args) -> str:
     from rayhash.data import convert_cifar100, convert_synthetic
 
     out = os.path.join(tempfile.mkdtemp(prefix="bench-data-"), "ds")
-    if SHARED.exists() and not args.synthetic:
-        convert_cifar100(str(SHARED), out, shard_size=args.shard_size, splits=["train"],
+    if CIFAR.exists() and not args.synthetic:
+        convert_cifar100(str(CIFAR), out, shard_size=args.shard_size, splits=["train"],
                          limit_per_class=args.images // 100)
     else:
         convert_synthetic(out, image_size=args.image_size or 32, shard_size=args.shard_size,

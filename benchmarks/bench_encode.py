@@ -3,8 +3,8 @@ over the same WebDataset tars with the same model (goal: Ray Data >= 0.8x).
 
     python benchmarks/bench_encode.py --per-class 20 --bits 64 --batch-size 256
 
-Uses real CIFAR-100 from ../shared/data when present (else the synthetic dataset), a seeded untrained HashNet
-(throughput does not depend on the weights). Both paths decode + transform + run the model on CPU/GPU alike.
+Uses real CIFAR-100 from $RAYHASH_DATA/cifar-100-python.tar.gz when present (else the synthetic dataset), a seeded
+untrained HashNet (throughput does not depend on the weights). Both paths decode + transform + run the model on CPU/GPU alike.
 """
 from __future__ import annotations
 
@@ -19,15 +19,15 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar-100-python.tar.gz")
+CIFAR = os.path.join(os.environ.get("RAYHASH_DATA", "."), "cifar-100-python.tar.gz")
 
 
 def make_dataset(root: str, per_class: int, shard_size: int) -> str:
     from rayhash.data import convert_cifar100, convert_synthetic
 
     out = os.path.join(root, "ds")
-    if os.path.exists(SHARED):
-        convert_cifar100(SHARED, out, shard_size=shard_size, limit_per_class={"train": per_class, "test": 1})
+    if os.path.exists(CIFAR):
+        convert_cifar100(CIFAR, out, shard_size=shard_size, limit_per_class={"train": per_class, "test": 1})
     else:
         convert_synthetic(out, per_class={"train": per_class * 6, "test": 1}, shard_size=shard_size)
     return os.path.join(out, "train")

@@ -58,7 +58,7 @@ class ModelConfig(_Section):
 
 
 class LossConfig(_Section):
-    """L = CE + alpha·L_sim + beta·L_KL/d (CE where labels exist; see DESIGN.md)."""
+    """L = CE + alpha·L_sim + beta·L_KL/d (CE where labels exist; README "Method definitions")."""
 
     alpha: float = Field(1.0, ge=0)  # weight of the relative similarity loss L_sim
     beta: float = Field(1.0, ge=0)  # weight of the k-NN KL loss L_KL (divided by bits)

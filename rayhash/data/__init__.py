@@ -1,6 +1,6 @@
 """Data stage: converters to WebDataset shards, ``dataset.json``, and streaming through Ray Data.
 
-Shard contract (DESIGN.md): ``DS/<split>/<split>-%06d.tar``, samples ``<key>.{png|jpg|webp}``, ``<key>.cls``
+Shard contract: ``DS/<split>/<split>-%06d.tar``, samples ``<key>.{png|jpg|webp}``, ``<key>.cls``
 (int label, when labelled), ``<key>.json`` (label name, wnid, coarse label, captions, source id), and
 ``DS/dataset.json`` (name, kind, label names, wnids, hierarchy, per-split shard list with counts and sha256).
 """
