@@ -50,11 +50,13 @@ class S3Endpoint:
         return boto3.client("s3", endpoint_url=self.url)
 
     def keys(self, prefix: str) -> dict[str, tuple[int, object]]:
-        """{key: (size, last modified)} of every object under ``prefix`` (an ``s3://bucket/...`` URI or a key)."""
+        """{key: (size, last modified)} of every object under ``prefix`` (an ``s3://bucket/...`` URI or a key),
+        leaving out the empty directory markers (keys ending in ``/``) that pyarrow creates for parent folders."""
         prefix = prefix.removeprefix(f"s3://{self.bucket}/")
         out = {}
         for page in self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
-            out.update({o["Key"]: (o["Size"], o["LastModified"]) for o in page.get("Contents", [])})
+            out.update({o["Key"]: (o["Size"], o["LastModified"]) for o in page.get("Contents", [])
+                        if not o["Key"].endswith("/")})
         return out
 
     def prefix(self, name: str) -> str:
