@@ -213,15 +213,3 @@ def sha256_file(uri: str | os.PathLike, chunk: int = 8 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def local_copy(uri: str | os.PathLike, cache_dir: str | None = None) -> str:
-    """A local path for ``uri``: the path itself when local, else a downloaded copy."""
-    if not is_remote(uri):
-        return os.path.abspath(str(uri))
-    cache_dir = cache_dir or tempfile.mkdtemp(prefix="rayhash-dl-")
-    dst = os.path.join(cache_dir, str(uri).rstrip("/").rsplit("/", 1)[-1])
-    fs, path = resolve(uri)
-    with fs.open_input_stream(path) as src, open(dst, "wb") as out:
-        shutil.copyfileobj(src, out, length=8 << 20)
-    return dst

@@ -72,15 +72,21 @@ def test_pipeline_rerun_on_s3_resumes_and_redoes_nothing(s3, s3_pipeline):
     assert not changed, changed  # shards, checkpoints, model, codes and index objects were not written again
 
 
-def test_query_index_on_s3(s3_pipeline):
+def test_query_index_on_s3_leaves_no_local_copies(s3_pipeline, tmp_path, monkeypatch):
+    import tempfile
+
     from rayhash.index import ShardedIndex, read_codes
 
+    spool = tmp_path / "tmp"  # every temporary file or folder this process makes lands here
+    spool.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))
     out = s3_pipeline[0]
     table = read_codes(f"{out}/codes")
     with ShardedIndex.open(f"{out}/index") as index:
         assert index.ntotal == len(table) == 480 and index.num_shards == 2
         res = index.search(table.codes[:5], k=3)
     assert (res.distances[:, 0] == 0).all()  # every database code finds itself (or an identical code) first
+    assert list(spool.iterdir()) == []  # the shards were read into memory, not copied to local disk
 
 
 def test_eval_cli_writes_to_s3(s3, s3_pipeline):

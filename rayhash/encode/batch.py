@@ -44,16 +44,14 @@ class EncodeBatch:
 
 
 def _sample_count(url: str) -> int:
-    """Number of samples (distinct keys) in a WebDataset tar."""
-    local = storage.local_copy(url)
+    """Number of samples (distinct keys) in a WebDataset tar, streamed from wherever it is."""
+    fs, path = storage.resolve(url)
     keys = set()
-    with tarfile.open(local) as tf:
+    with fs.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tf:
         for member in tf:
             if member.isfile():
                 base = os.path.basename(member.name)
                 keys.add(os.path.join(os.path.dirname(member.name), base.split(".", 1)[0]))
-    if local != os.path.abspath(url):
-        os.remove(local)
     return len(keys)
 
 
