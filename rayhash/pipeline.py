@@ -7,7 +7,6 @@ skips work whose outputs already exist, so a re-run after a failure continues wh
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from rayhash import storage
@@ -85,13 +84,13 @@ def run_pipeline(out: str, *, dataset: str = "synthetic", source: str | None = N
         extra.append(f"data.caption_embeddings={emb}")
     cfg = load_config(cfg_path, [*extra, *overrides])
     log.info("[2/5] training (%s) into %s", cfg_path, paths["run"])
-    result = train(cfg, paths["run"], resume=os.path.isdir(paths["run"]))
+    result = train(cfg, paths["run"], resume=storage.exists(paths["run"]))
     db_split = cfg.data.train_split
     query_split = cfg.data.val_split or next(s for s in info.splits if s != db_split)
     log.info("[3/5] encoding the %s split", db_split)
     encode_dataset(result.checkpoint, storage.join(paths["data"], db_split), paths["codes"])
     log.info("[4/5] building a %d-shard binary index", index_shards)
-    resumed = storage.exists(storage.join(paths["index"], "manifest.json"))  # a re-run indexes only new code files
+    resumed = storage.finished(storage.join(paths["index"], "manifest.json"))  # a re-run indexes only new code files
     build_index(paths["codes"], paths["index"], index_type="flat", shards=index_shards, append=resumed)
     log.info("[5/5] evaluating %s queries against the index, then on their own (reference protocol)", query_split)
     queries = storage.join(paths["data"], query_split)
@@ -119,11 +118,11 @@ def _run(args: argparse.Namespace) -> int:
                            overrides=args.overrides, index_shards=args.index_shards,
                            limit=args.limit, address=args.address)
     print(f"\nrayhash results ({args.dataset}):\n{results_table(metrics)}")
-    eval_dir = os.path.join(args.out, "eval")
-    print(f"\nreport: {os.path.join(eval_dir, 'metrics.json')}")
-    for png in sorted(Path(eval_dir).glob("*.png")):
+    eval_dir = storage.join(args.out, "eval")
+    print(f"\nreport: {storage.join(eval_dir, 'metrics.json')}")
+    for png in storage.list_files(eval_dir, ".png"):
         print(f"plot:   {png}")
-    print(f"training curves: {os.path.join(args.out, 'run', 'curves.png')}")
+    print(f"training curves: {storage.join(args.out, 'run', 'curves.png')}")
     return 0
 
 

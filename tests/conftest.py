@@ -54,4 +54,5 @@ def ray_local():
 from fixtures_cluster import *  # noqa: E402,F401,F403
 from fixtures_data import *  # noqa: E402,F401,F403
 from fixtures_index import *  # noqa: E402,F401,F403
+from fixtures_storage import *  # noqa: E402,F401,F403
 from fixtures_train import *  # noqa: E402,F401,F403

@@ -187,8 +187,9 @@ def embed_captions(ds_dir: str, out_parquet: str | None = None, model=None, *, b
     Parquet ``key`` (string) -> ``embedding`` (list<float32>, mean of the caption embeddings, L2-normalised).
 
     GPU actors (one GPU each) when the cluster has GPUs, else CPU actors. ``out_parquet`` (default
-    ``DS/caption_embeddings.parquet``) is a Parquet folder, written under a temporary name and renamed (local) —
-    an existing one is kept unless ``overwrite``. Images without any caption are skipped and logged.
+    ``DS/caption_embeddings.parquet``) is a Parquet folder (local or object store), complete once its ``_SUCCESS``
+    file is written, last. A complete one is kept unless ``overwrite``; an interrupted one (no ``_SUCCESS``) is
+    written again. Images without any caption are skipped and logged.
     """
     import ray
 
@@ -197,9 +198,10 @@ def embed_captions(ds_dir: str, out_parquet: str | None = None, model=None, *, b
 
     info = load_dataset_info(ds_dir)
     out = str(out_parquet or storage.join(info.root, "caption_embeddings.parquet"))
-    if storage.exists(out) and not overwrite:
+    if embeddings_complete(out) and not overwrite:
         log.info("%s exists; keeping it (overwrite=True to redo)", out)
         return out
+    _remove_own_output(out)
     init_ray()
     urls = [u for split in info.splits for u in info.shard_paths(split)]
     gpus = cluster_has_gpus()
@@ -209,15 +211,27 @@ def embed_captions(ds_dir: str, out_parquet: str | None = None, model=None, *, b
     ds = ds.map_batches(CaptionEmbedder, fn_constructor_kwargs={"model": model}, batch_size=batch_size,
                         batch_format="numpy", num_gpus=1 if gpus else 0,
                         compute=ray.data.ActorPoolStrategy(size=size))
-    if storage.is_remote(out):
-        ds.write_parquet(out)
-        return out
-    tmp = f"{out}.tmp-{os.getpid()}"
-    ds.write_parquet(tmp)
-    if os.path.exists(out):
-        import shutil
-
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    ds.write_parquet(out)
+    storage.write_json(storage.join(out, DONE), {"files": [p.rsplit("/", 1)[-1] for p in storage.list_files(out)]})
     log.info("wrote caption embeddings of %s to %s", info.name, out)
     return out
+
+
+DONE = "_SUCCESS"  # written last into a caption-embedding folder (Parquet readers skip names starting with _)
+
+
+def embeddings_complete(path: str) -> bool:
+    """A caption-embedding Parquet file, or a folder that :func:`embed_captions` finished (has ``_SUCCESS``)."""
+    return storage.finished(storage.join(path, DONE)) if storage.is_dir(path) else storage.finished(path)
+
+
+def _remove_own_output(out: str) -> None:
+    """Clear an interrupted (or to be overwritten) embedding output; refuse a folder holding other files."""
+    if not storage.exists(out):
+        return
+    if storage.is_dir(out):
+        others = [f for f in storage.list_files(out) if not f.endswith((".parquet", DONE))]
+        if others:
+            raise FileExistsError(f"{out}: holds files that embed-captions did not write ({others[0]}, ...); "
+                                  "choose another --out")
+    storage.delete(out)

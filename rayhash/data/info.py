@@ -60,7 +60,7 @@ class DatasetInfo:
             if not self.wnids:
                 raise ValueError(f"{self.root}/{DATASET_JSON}: hierarchy 'wordnet' needs 'wnids'")
             return ClassHierarchy.from_wordnet(self.wnids)
-        return ClassHierarchy.from_parent_child_file(storage.local_copy(storage.join(self.root, self.hierarchy)))
+        return ClassHierarchy.from_parent_child_file(storage.join(self.root, self.hierarchy))
 
     def hierarchy_leaves(self) -> list:
         """Leaf ids in label order, as the hierarchy names them."""

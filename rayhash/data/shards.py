@@ -86,7 +86,7 @@ def _finished(out: str, entry_path: str, fp: str) -> dict | None:
         entry = storage.read_json(entry_path)
     except (FileNotFoundError, ValueError):
         return None
-    if entry.get("fingerprint") == fp and storage.exists(storage.join(out, entry["file"])):
+    if entry.get("fingerprint") == fp and storage.finished(storage.join(out, entry["file"])):
         return entry
     return None
 
@@ -129,15 +129,13 @@ def write_split(out: str, split: str, records: Sequence[dict], make: Callable, s
 
 def _remove_stale(out: str, split: str, n: int) -> None:
     """Delete our own shards beyond the new shard count (left by an earlier run with other options) and the
-    temporary files of writers that were killed (every task of this run has finished when this runs)."""
-    import pyarrow.fs as pafs
-
-    fs, folder = storage.resolve(storage.join(out, split))
-    for info in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
-        name = info.base_name
-        m = re.fullmatch(rf"{re.escape(split)}-(\d{{6}})\.tar", name)
-        if (m and int(m.group(1)) >= n) or (name.startswith(f".{split}-") and name.endswith(".tmp")):
-            fs.delete_file(info.path)
+    staging files of writers that were killed (every task of this run has finished when this runs)."""
+    folder = storage.join(out, split)
+    for path in storage.list_files(folder, ".tar"):
+        m = re.fullmatch(rf"{re.escape(split)}-(\d{{6}})\.tar", path.rsplit("/", 1)[-1])
+        if m and int(m.group(1)) >= n:
+            storage.delete(path)
+    storage.remove_staging(folder, f"{split}-")
 
 
 def write_dataset_json(out: str, info: dict[str, Any], splits: dict[str, dict]) -> dict:

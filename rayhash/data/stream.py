@@ -143,11 +143,14 @@ def _decode_block(block, batch_size: int, shuffle_seed: int | None, **decode_kwa
 
 
 def _decode_batch(batch, mode: str, image_size: int | None, targets_ref, counter,
-                  classes: frozenset | None = None, with_source: bool = False) -> dict[str, np.ndarray]:
+                  classes: frozenset | None = None, with_source: bool = False,
+                  shard_uris: dict[str, str] | None = None) -> dict[str, np.ndarray]:
     cols = set(batch.column_names)
     n = batch.num_rows
     keys = batch.column("__key__").to_pylist()
     urls = batch.column("__url__").to_pylist() if "__url__" in cols else [""] * n
+    if shard_uris:  # Ray Data names a shard by its path inside the filesystem (no s3:// scheme): name it as given
+        urls = [shard_uris.get(u, u) for u in urls]
     imgs = batch.column("img").to_pylist() if "img" in cols else [None] * n
     cls = batch.column("cls").to_pylist() if "cls" in cols else [None] * n
     transform = functools.partial({"train": train_array, "eval": eval_array, "raw": raw_array}[mode],
@@ -238,7 +241,8 @@ def read_shards(source: str | Sequence[str], *, mode: str = "train", image_size:
     ``batch_size``: rows decoded per call (output blocks hold whole shards either way).
     Works as a Ray Train dataset (``TorchTrainer(datasets={"train": ds})`` + ``get_dataset_shard``) and for
     ``map_batches`` inference. ``classes``: keep only samples with these labels (before decoding).
-    ``with_source``: add a ``source`` column, the shard URL each row came from. Skipped samples: see
+    ``with_source``: add a ``source`` column, the shard URL each row came from (as :func:`shard_urls` names it,
+    scheme included). Skipped samples: see
     :func:`skip_counts`.
     """
     import ray
@@ -264,7 +268,8 @@ def read_shards(source: str | Sequence[str], *, mode: str = "train", image_size:
                                      "mode": mode, "image_size": image_size, "targets_ref": targets_ref,
                                      "counter": counter,
                                      "classes": None if classes is None else frozenset(int(c) for c in classes),
-                                     "with_source": with_source})
+                                     "with_source": with_source,
+                                     "shard_uris": {storage.filesystem_path(u): u for u in urls}})
 
 
 def _torch_collate(batch: dict[str, np.ndarray]) -> dict:

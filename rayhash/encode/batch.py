@@ -44,16 +44,14 @@ class EncodeBatch:
 
 
 def _sample_count(url: str) -> int:
-    """Number of samples (distinct keys) in a WebDataset tar."""
-    local = storage.local_copy(url)
+    """Number of samples (distinct keys) in a WebDataset tar, streamed from wherever it is."""
+    fs, path = storage.resolve(url)
     keys = set()
-    with tarfile.open(local) as tf:
+    with fs.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tf:
         for member in tf:
             if member.isfile():
                 base = os.path.basename(member.name)
                 keys.add(os.path.join(os.path.dirname(member.name), base.split(".", 1)[0]))
-    if local != os.path.abspath(url):
-        os.remove(local)
     return len(keys)
 
 
@@ -90,14 +88,6 @@ def _check_existing(path: str, source: str, bits: int, checkpoint: str) -> int:
     return int(meta.get(META_SKIPPED, b"0"))
 
 
-def _remove_stale_temps(out: str) -> None:
-    """Temporary files left by a killed run (local output only; object stores never show partial objects)."""
-    if not storage.is_remote(out) and os.path.isdir(out):
-        for name in os.listdir(out):
-            if name.startswith(".codes-") and name.endswith(".tmp"):
-                os.remove(os.path.join(out, name))
-
-
 def encode_dataset(checkpoint: str | os.PathLike, data: str | os.PathLike | Sequence[str], out: str | os.PathLike,
                    *, batch_size: int = 256, concurrency: int | None = None, num_gpus: float | None = None,
                    address: str | None = None) -> dict[str, Any]:
@@ -121,11 +111,11 @@ def encode_dataset(checkpoint: str | os.PathLike, data: str | os.PathLike | Sequ
     outputs = [storage.join(out, CODES_PATTERN % i) for i in range(len(urls))]
     counts = _expected_counts(data, urls)
     skipped = {i: _check_existing(o, u, bits, checkpoint) for i, (o, u) in enumerate(zip(outputs, urls))
-               if storage.exists(o)}
+               if storage.finished(o)}
     todo = [i for i in range(len(urls)) if i not in skipped]
     log.info("encode: %d input shard(s), %d already done, %d to encode -> %s", len(urls), len(skipped), len(todo), out)
     storage.makedirs(out)
-    _remove_stale_temps(out)
+    storage.remove_staging(out, "codes-")  # left by a killed run
     t0, first, encoded = time.perf_counter(), None, 0
     if todo:
         init_ray(address)
@@ -222,7 +212,11 @@ def _write_summary(out: str, outputs: list[str], urls: list[str], skipped: dict[
                "label_names": label_names, "count": sum(s["count"] for s in shards),
                "skipped_corrupt": sum(s["skipped"] for s in shards), "shards": shards,
                "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    storage.write_json(storage.join(out, CODES_SUMMARY), summary)
+    path = storage.join(out, CODES_SUMMARY)
+    old = storage.read_json(path) if storage.exists(path) else None
+    if old is not None and {**old, "created": None} == {**summary, "created": None}:
+        return old  # a re-run that encoded nothing new: the summary stands as written
+    storage.write_json(path, summary)
     log.info("encode: %d codes in %d shard(s), %d corrupt sample(s) skipped -> %s", summary["count"], len(shards),
              summary["skipped_corrupt"], out)
     return summary

@@ -14,7 +14,6 @@ the setting of published figures. Both score through the same functions.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,7 +99,7 @@ def _query_codes(checkpoint, queries, out, max_queries, classes, seed):
     from rayhash.encode import encode_dataset
     from rayhash.index import read_codes
 
-    codes_dir = os.path.join(out, "query_codes")
+    codes_dir = storage.join(out, "query_codes")
     encode_dataset(checkpoint, queries, codes_dir)
     q = read_codes(codes_dir)
     keep = np.arange(len(q))
@@ -240,10 +239,10 @@ def _write_outputs(out, metrics, q, per_query):
 
     table = pa.table({"key": q.keys.astype(str), "label": q.labels.astype(np.int32),
                       **{name: v.astype(np.float64) for name, v in per_query.items()}})
-    with storage.atomic_output(os.path.join(out, "per_query.parquet")) as tmp:
+    with storage.atomic_output(storage.join(out, "per_query.parquet")) as tmp:
         pq.write_table(table, tmp)
-    storage.write_json(os.path.join(out, "metrics.json"), {k: v for k, v in metrics.items() if not k.startswith("_")})
-    log.info("wrote %s", os.path.join(out, "metrics.json"))
+    storage.write_json(storage.join(out, "metrics.json"), {k: v for k, v in metrics.items() if not k.startswith("_")})
+    log.info("wrote %s", storage.join(out, "metrics.json"))
 
 
 def _plots(out, q, hp_curve, hp_random, max_pairs: int = 2000):

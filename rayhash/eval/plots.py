@@ -1,9 +1,9 @@
 """PNG plots of an evaluation: HP@k curve, precision-recall by Hamming radius, bit balance, distance histograms."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
+
+from rayhash import storage
 
 
 def _figure():
@@ -16,8 +16,10 @@ def _figure():
 
 
 def _save(plt, fig, path: str) -> str:
+    """Write the figure to ``path`` (local or object store) through :func:`rayhash.storage.atomic_output`."""
     fig.tight_layout()
-    fig.savefig(path)
+    with storage.atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
     return path
 
@@ -31,7 +33,7 @@ def plot_hp_curve(hp: np.ndarray, out_dir: str, baseline: np.ndarray | None = No
         ax.plot(j, baseline, "--", color="grey", label="random codes")
     ax.set(xlabel="retrieved j", ylabel="mean HP@j", title="Hierarchical precision", ylim=(0, 1.02))
     ax.legend()
-    return _save(plt, fig, os.path.join(out_dir, "hp_curve.png"))
+    return _save(plt, fig, storage.join(out_dir, "hp_curve.png"))
 
 
 def plot_precision_recall(precision: np.ndarray, recall: np.ndarray, out_dir: str) -> str:
@@ -43,7 +45,7 @@ def plot_precision_recall(precision: np.ndarray, recall: np.ndarray, out_dir: st
             ax.annotate(f"r={r}", (recall[r], precision[r]), fontsize=7)
     ax.set(xlabel="recall", ylabel="precision", title="Precision-recall by Hamming radius", xlim=(0, 1.02),
            ylim=(0, 1.02))
-    return _save(plt, fig, os.path.join(out_dir, "precision_recall.png"))
+    return _save(plt, fig, storage.join(out_dir, "precision_recall.png"))
 
 
 def plot_bit_balance(bit_means: np.ndarray, out_dir: str) -> str:
@@ -53,7 +55,7 @@ def plot_bit_balance(bit_means: np.ndarray, out_dir: str) -> str:
     ax.axhline(0, color="black", lw=0.5)
     ax.set(xlabel="bit", ylabel="mean of ±1 bit", title=f"Bit balance (mean |mean| = {np.abs(bit_means).mean():.3f})",
            ylim=(-1, 1))
-    return _save(plt, fig, os.path.join(out_dir, "bit_balance.png"))
+    return _save(plt, fig, storage.join(out_dir, "bit_balance.png"))
 
 
 def plot_distance_histograms(similar: np.ndarray, dissimilar: np.ndarray, bits: int, out_dir: str) -> str:
@@ -64,4 +66,4 @@ def plot_distance_histograms(similar: np.ndarray, dissimilar: np.ndarray, bits: 
     ax.hist(similar, bins=bins, density=True, alpha=0.6, label="same class")
     ax.set(xlabel="Hamming distance", ylabel="density", title="Distances of similar vs dissimilar pairs")
     ax.legend()
-    return _save(plt, fig, os.path.join(out_dir, "distance_histograms.png"))
+    return _save(plt, fig, storage.join(out_dir, "distance_histograms.png"))

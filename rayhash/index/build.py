@@ -162,7 +162,7 @@ def build_index(codes: str | os.PathLike | Sequence[str], out: str | os.PathLike
     checkpoint = checkpoint or summary.get("checkpoint")
     manifest_path = storage.join(out, MANIFEST)
     old = None
-    if storage.exists(manifest_path):
+    if storage.finished(manifest_path):  # an empty manifest is no index: built again
         if not append:
             raise FileExistsError(f"{manifest_path} already exists; pass --append to add new codes as new shards, "
                                   "or choose an empty --out")

@@ -12,6 +12,7 @@ their keys as fixed-width numpy unicode arrays (C-speed sorting).
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -135,25 +136,30 @@ class Shard:
 
     @classmethod
     def load(cls, index_dir: str, entry: dict[str, Any], manifest: dict[str, Any], *, verify: bool = True,
-             use_gpu: bool = True, params: dict[str, Any] | None = None, cache_dir: str | None = None) -> "Shard":
-        """Load and verify one shard (sha256 of both files, code width, index type, row counts)."""
+             use_gpu: bool = True, params: dict[str, Any] | None = None) -> "Shard":
+        """Load and verify one shard (sha256 of both files, code width, index type, row counts).
+
+        Both files are read straight into memory from wherever they are (local or object store) and the index is
+        built from those bytes: nothing is copied to local disk, so an index on object storage leaves no files
+        behind on the nodes that open it. Peak memory while loading: the shard's files plus the loaded shard."""
         import faiss
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         bits = manifest["bits"]
-        local = {}
+        data = {}
         for field in ("index", "idmap"):
             uri = storage.join(index_dir, entry[field])
             if not storage.exists(uri):
                 raise FileNotFoundError(f"{uri}: shard file listed in manifest.json is missing; restore it or "
                                         "rebuild the index with `rayhash index build`")
-            local[field] = storage.local_copy(uri, cache_dir)
-            if verify and storage.sha256_file(local[field]) != entry[f"{field}_sha256"]:
+            data[field] = storage.read_bytes(uri)
+            if verify and hashlib.sha256(data[field]).hexdigest() != entry[f"{field}_sha256"]:
                 raise ValueError(f"{uri}: sha256 does not match manifest.json — the shard file is corrupted or was "
                                  "modified; rebuild the index with `rayhash index build`")
         uri = storage.join(index_dir, entry["index"])
         try:
-            index = faiss.read_index_binary(local["index"])
+            index = faiss.deserialize_index_binary(np.frombuffer(data.pop("index"), dtype=np.uint8))
         except RuntimeError as e:
             raise ValueError(f"{uri}: FAISS cannot read this file ({str(e).splitlines()[-1][:120]}); it is "
                              "corrupted — rebuild the index with `rayhash index build`") from e
@@ -164,7 +170,7 @@ class Shard:
         if expected and type(index).__name__ != expected:
             raise ValueError(f"{uri}: is a {type(index).__name__} but manifest.json says index_type="
                              f"{manifest['index_type']!r} ({expected}); rebuild the index")
-        ids = pq.read_table(local["idmap"])
+        ids = pq.read_table(pa.BufferReader(data.pop("idmap")))
         if not (ids.num_rows == index.ntotal == entry["count"]):
             raise ValueError(f"{uri}: {index.ntotal} codes, id map {ids.num_rows} rows, manifest count "
                              f"{entry['count']} — inconsistent shard; rebuild the index")

@@ -37,16 +37,18 @@ class ClassHierarchy:
     # ----------------------------------------------------------------- construction
     @classmethod
     def from_parent_child_file(cls, path: str | os.PathLike) -> "ClassHierarchy":
-        """Read "parent child" lines (blank lines and ``#`` comments skipped); ids are ints when all are ints."""
+        """Read "parent child" lines (blank lines and ``#`` comments skipped) from a local file or object-store URI;
+        ids are ints when all are ints."""
+        from rayhash import storage
+
         pairs = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                fields = line.split("#", 1)[0].split()
-                if not fields:
-                    continue
-                if len(fields) != 2:
-                    raise ValueError(f"{path}:{lineno}: expected 'parent child', got {line.strip()!r}")
-                pairs.append(tuple(fields))
+        for lineno, line in enumerate(storage.read_bytes(path).decode("utf-8").splitlines(), 1):
+            fields = line.split("#", 1)[0].split()
+            if not fields:
+                continue
+            if len(fields) != 2:
+                raise ValueError(f"{path}:{lineno}: expected 'parent child', got {line.strip()!r}")
+            pairs.append(tuple(fields))
         if not pairs:
             raise ValueError(f"{path}: no 'parent child' lines found")
         if all(p.lstrip("-").isdigit() and c.lstrip("-").isdigit() for p, c in pairs):

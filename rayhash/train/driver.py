@@ -69,6 +69,9 @@ def train(config: RunConfig, out: str, *, resume: bool = False, address: str | N
                               "to continue it from its latest checkpoint, or choose a new --out")
     if resume and not _has_run(store):
         log.warning("--resume: no earlier run under %s, starting from scratch", store)
+    elif resume and (done := _finished_run(config, out)) is not None:
+        log.info("%s: every one of the %d epochs is trained and exported; nothing to resume", out, config.train.epochs)
+        return done
     d = config.data
     info = load_dataset_info(d.path)
     if d.targets == "hierarchy" and info.kind != "labels":
@@ -129,6 +132,17 @@ def train(config: RunConfig, out: str, *, resume: bool = False, address: str | N
     return TrainResult(checkpoint=final, metrics=history, ray_checkpoint=result.checkpoint.path)
 
 
+def _finished_run(config: RunConfig, out: str) -> TrainResult | None:
+    """The result of a run in ``out`` that trained all ``train.epochs`` and exported ``out/final`` (its meta.json is
+    written last), or None."""
+    from rayhash.model.checkpoint import META_FILE
+
+    meta = storage.join(out, "final", META_FILE)
+    if not storage.finished(meta) or storage.read_json(meta).get("epoch") != config.train.epochs - 1:
+        return None
+    return TrainResult(checkpoint=storage.join(out, "final"), metrics=_read_history(storage.join(out, "metrics.jsonl")))
+
+
 def _validation_source(d, info) -> str | None:
     """The split validated on: ``data.val_split``, or, when the dataset has no such split, the first of
     val / validation / test that it has (a Tiny-ImageNet layout has ``val``), said at the start."""
@@ -154,10 +168,13 @@ def _entry(loop_cfg: dict) -> list[dict]:
 
 
 def export_final(checkpoint, out: str) -> str:
-    """Copy the Ray checkpoint's model files (model.pt, meta.json, config.yaml, train_state.pt) to <out>/final."""
+    """Copy the Ray checkpoint's model files (model.pt, config.yaml, train_state.pt, then meta.json: a final/ with
+    meta.json is complete) to <out>/final."""
+    from rayhash.model.checkpoint import META_FILE
+
     final = storage.join(out, "final")
     with checkpoint.as_directory() as d:
-        for name in sorted(os.listdir(d)):
+        for name in sorted(os.listdir(d), key=lambda n: (n == META_FILE, n)):
             src = os.path.join(d, name)
             if os.path.isfile(src):
                 with open(src, "rb") as f:
