@@ -133,13 +133,77 @@ def test_encode_counts_and_skips_corrupt_samples(tmp_path, data_cifar_small, ind
     assert not keys & set(broken) and len(keys) == n - 2
 
 
-def test_encode_refuses_outputs_of_another_input(encoded, data_cifar_small, index_tiny_checkpoint, tmp_path):
+def test_encode_redoes_outputs_of_other_input_bytes(encoded, data_cifar_small, index_tiny_checkpoint, tmp_path):
+    """Outputs are keyed on their input tar's sha256: codes of the train split left in --out are not taken for the
+    test split's (same file numbers), they are encoded again."""
     from rayhash.encode import encode_dataset
 
+    out, fresh = tmp_path / "codes", tmp_path / "fresh"
+    shutil.copytree(encoded[0], out)
+    summary = encode_dataset(index_tiny_checkpoint, str(data_cifar_small / "test"), str(out))
+    reference = encode_dataset(index_tiny_checkpoint, str(data_cifar_small / "test"), str(fresh))
+    assert summary["timing"]["encoded"] == reference["count"] == summary["count"]
+    a, b = read_code_file(str(out / "codes-00000.parquet")), read_code_file(str(fresh / "codes-00000.parquet"))
+    np.testing.assert_array_equal(a.keys, b.keys)
+    np.testing.assert_array_equal(a.codes, b.codes)
+
+
+def _retrain_in_place(run: str) -> None:
+    """New weights at the same checkpoint path, as retraining into the same --out does."""
+    import torch
+
+    from rayhash.model.checkpoint import MODEL_FILE, checkpoint_dir
+
+    path = os.path.join(checkpoint_dir(run), MODEL_FILE)
+    state = torch.load(path, weights_only=True)
+    g = torch.Generator().manual_seed(7)
+    torch.save({k: (v + 0.5 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v)
+                for k, v in state.items()}, path)
+
+
+def test_encode_after_retraining_at_the_same_path_redoes_everything(encoded, data_cifar_small,
+                                                                      index_tiny_checkpoint, tmp_path):
+    from rayhash.encode import encode_dataset
+    from rayhash.model import Encoder
+
+    run = tmp_path / "run"
+    shutil.copytree(index_tiny_checkpoint, run)
     out = tmp_path / "codes"
     shutil.copytree(encoded[0], out)
-    with pytest.raises(ValueError, match=r"codes-00000\.parquet: encoded from train-000000\.tar.*empty --out"):
-        encode_dataset(index_tiny_checkpoint, str(data_cifar_small / "test"), str(out))
+    old = read_codes(out)
+    _retrain_in_place(str(run))
+    again = encode_dataset(str(run), str(data_cifar_small / "train"), str(out), batch_size=100)
+    assert again["timing"]["encoded"] == encoded[1]["count"]  # every shard redone, none kept
+    assert again["model_sha256"] != encoded[1]["model_sha256"]
+    new = read_codes(out)
+    np.testing.assert_array_equal(new.keys, old.keys)
+    assert (new.codes != old.codes).any()
+    # every code now comes from the new weights: compare with the encoder run directly on the images
+    src = sorted((data_cifar_small / "train").glob("*.tar"))[0]
+    images = tar_samples(src)
+    first = read_code_file(str(out / "codes-00000.parquet"))
+    direct = Encoder(str(run)).encode_images([Image.open(io.BytesIO(images[k])) for k in first.keys[:16]])[1]
+    np.testing.assert_array_equal(first.codes[:16], direct)
+
+
+def test_index_append_refuses_codes_of_another_checkpoint(encoded, data_cifar_small, index_tiny_checkpoint,
+                                                          tmp_path):
+    from rayhash.encode import encode_dataset
+
+    index = tmp_path / "index"
+    build_index(str(encoded[0]), str(index), shards=1)
+    run = tmp_path / "run"
+    shutil.copytree(index_tiny_checkpoint, run)
+    _retrain_in_place(str(run))
+    codes = tmp_path / "codes"
+    summary = encode_dataset(str(run), str(data_cifar_small / "test"), str(codes))
+    before = (index / "manifest.json").read_bytes()
+    with pytest.raises(ValueError) as e:
+        build_index(str(codes), str(index), append=True)
+    msg = str(e.value)
+    assert str(run) in msg and str(index_tiny_checkpoint) in msg
+    assert summary["model_sha256"][:12] in msg and encoded[1]["model_sha256"][:12] in msg
+    assert (index / "manifest.json").read_bytes() == before  # the index is untouched
 
 
 def test_encode_killed_midway_then_rerun_matches(encoded, data_cifar_small, index_tiny_checkpoint, tmp_path):

@@ -4,8 +4,9 @@ The pipeline is ``read_shards(mode="eval") -> map_batches(EncodeBatch actor pool
 ``preserve_order`` so rows arrive in input order, each tagged with its source tar; the driver cuts the stream into
 input tars and writes ``codes-%05d.parquet`` for input tar number ``%05d`` atomically as soon as the stream has moved
 past it. Corrupt samples skipped in a tar = its sample count (``dataset.json``, else counted in the tar) minus the
-codes received. A re-run encodes only
-the tars whose output is missing.
+codes received. Each output records what it was made from: the weights' sha256 (not the checkpoint path, which a
+retrained run reuses) and its input tar's sha256. A re-run keeps an output only when both match and encodes the
+rest, so codes of two models are never mixed in one folder.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from rayhash.runtime import get_logger
 log = get_logger("rayhash.encode")
 META_SOURCE, META_BITS, META_CHECKPOINT, META_SKIPPED = (b"rayhash.source", b"rayhash.bits", b"rayhash.checkpoint",
                                                          b"rayhash.skipped")
+META_MODEL, META_SOURCE_SHA = b"rayhash.model_sha256", b"rayhash.source_sha256"
 
 
 class EncodeBatch:
@@ -55,19 +57,19 @@ def _sample_count(url: str) -> int:
     return len(keys)
 
 
-def _expected_counts(data: str | Sequence[str], urls: list[str]) -> list[int]:
-    """Samples per input tar: from ``dataset.json`` when it lists the tar, else counted in the tar itself."""
-    counts: dict[str, int] = {}
+def _shard_records(data: str | Sequence[str], urls: list[str]) -> list[tuple[int, str]]:
+    """(samples, sha256) per input tar: from ``dataset.json`` when it lists the tar, else read from the tar itself."""
+    known: dict[str, tuple[int, str]] = {}
     if isinstance(data, (str, os.PathLike)):
         from rayhash.data import load_dataset_info
 
         try:
             info = load_dataset_info(str(data))
-            counts = {storage.join(info.root, s["file"]): int(s["count"])
-                      for split in info.splits.values() for s in split["shards"] if "count" in s}
+            known = {storage.join(info.root, s["file"]): (int(s["count"]), s["sha256"])
+                     for split in info.splits.values() for s in split["shards"] if "count" in s and "sha256" in s}
         except (FileNotFoundError, ValueError):
             pass
-    return [counts[u] if u in counts else _sample_count(u) for u in urls]
+    return [known[u] if u in known else (_sample_count(u), storage.sha256_file(u)) for u in urls]
 
 
 def _existing_meta(path: str) -> dict[bytes, bytes]:
@@ -78,14 +80,13 @@ def _existing_meta(path: str) -> dict[bytes, bytes]:
         return pq.ParquetFile(f).schema_arrow.metadata or {}
 
 
-def _check_existing(path: str, source: str, bits: int, checkpoint: str) -> int:
-    """Validate an output written by an earlier run; return its skipped-corrupt count."""
+def _reusable(path: str, source_sha: str, bits: int, digest: str) -> int | None:
+    """An output written by an earlier run: its skipped-corrupt count when it was made from the same input bytes with
+    the same weights, else None (stale: encoded again)."""
     meta = _existing_meta(path)
-    theirs = (meta.get(META_SOURCE, b"").decode(), meta.get(META_CHECKPOINT, b"").decode())
-    if theirs != (os.path.basename(source), checkpoint) or int(meta.get(META_BITS, 0)) != bits:
-        raise ValueError(f"{path}: encoded from {theirs[0] or '?'} with checkpoint {theirs[1] or '?'}, not from "
-                         f"{os.path.basename(source)} with {checkpoint}; use an empty --out for a new encoding")
-    return int(meta.get(META_SKIPPED, b"0"))
+    same = (meta.get(META_MODEL, b"").decode() == digest and meta.get(META_SOURCE_SHA, b"").decode() == source_sha
+            and int(meta.get(META_BITS, 0)) == bits)
+    return int(meta.get(META_SKIPPED, b"0")) if same else None
 
 
 def encode_dataset(checkpoint: str | os.PathLike, data: str | os.PathLike | Sequence[str], out: str | os.PathLike,
@@ -109,9 +110,12 @@ def encode_dataset(checkpoint: str | os.PathLike, data: str | os.PathLike | Sequ
     bits, image_size = loaded.bits, loaded.image_size
     urls = shard_urls(data if isinstance(data, (str, os.PathLike)) else list(data))
     outputs = [storage.join(out, CODES_PATTERN % i) for i in range(len(urls))]
-    counts = _expected_counts(data, urls)
-    skipped = {i: _check_existing(o, u, bits, checkpoint) for i, (o, u) in enumerate(zip(outputs, urls))
-               if storage.finished(o)}
+    records = _shard_records(data, urls)
+    present = [i for i, o in enumerate(outputs) if storage.finished(o)]
+    skipped = {i: n for i in present if (n := _reusable(outputs[i], records[i][1], bits, loaded.digest)) is not None}
+    if len(skipped) < len(present):
+        log.warning("encode: %d output(s) in %s were made by other weights or from other input bytes; encoding them "
+                    "again", len(present) - len(skipped), out)
     todo = [i for i in range(len(urls)) if i not in skipped]
     log.info("encode: %d input shard(s), %d already done, %d to encode -> %s", len(urls), len(skipped), len(todo), out)
     storage.makedirs(out)
@@ -136,13 +140,13 @@ def encode_dataset(checkpoint: str | os.PathLike, data: str | os.PathLike | Sequ
                             concurrency=concurrency, num_gpus=num_gpus, num_cpus=0 if num_gpus else 1,
                             batch_format="numpy")
         ds.context.execution_options.preserve_order = True
-        writer = _ShardWriter([(i, urls[i], outputs[i], counts[i]) for i in todo], bits, checkpoint)
+        writer = _ShardWriter([(i, urls[i], outputs[i], *records[i]) for i in todo], bits, checkpoint, loaded.digest)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             first = first or time.perf_counter() - t0
             encoded += len(batch["key"])
             writer.add(batch)
         skipped.update(writer.finish())
-    summary = _write_summary(out, outputs, urls, skipped, bits, checkpoint, data, loaded.label_names)
+    summary = _write_summary(out, outputs, urls, skipped, bits, checkpoint, loaded.digest, data, loaded.label_names)
     seconds = time.perf_counter() - t0
     log.info("encode: %d new codes in %.1fs (first batch after %.1fs)", encoded, seconds, first or 0.0)
     return {**summary, "timing": {"seconds": seconds, "first_batch_seconds": first, "encoded": encoded}}
@@ -152,9 +156,9 @@ class _ShardWriter:
     """Cuts the ordered stream of encoded rows into input tars by each row's ``source`` tar and writes each tar's
     codes as soon as the stream has moved past it; expected count minus rows received = corrupt samples skipped."""
 
-    def __init__(self, plan: list[tuple[int, str, str, int]], bits: int, checkpoint: str):
-        self.plan, self.bits, self.checkpoint = plan, bits, checkpoint
-        self.position = {url: j for j, (_, url, _, _) in enumerate(plan)}
+    def __init__(self, plan: list[tuple[int, str, str, int, str]], bits: int, checkpoint: str, digest: str):
+        self.plan, self.bits, self.checkpoint, self.digest = plan, bits, checkpoint, digest
+        self.position = {url: j for j, (_, url, *_) in enumerate(plan)}
         self.cur, self.parts = 0, []
         self.written: dict[int, int] = {}
 
@@ -174,7 +178,7 @@ class _ShardWriter:
                 self._flush()  # every sample of this tar is encoded: write it now
 
     def _flush(self) -> None:
-        no, url, path, count = self.plan[self.cur]
+        no, url, path, count, source_sha = self.plan[self.cur]
         keys = np.concatenate([p["key"] for p in self.parts]) if self.parts else np.empty(0, object)
         codes = (np.concatenate([p["code"] for p in self.parts]) if self.parts
                  else np.zeros((0, self.bits // 8), np.uint8))
@@ -183,8 +187,9 @@ class _ShardWriter:
         if skipped < 0:
             raise ValueError(f"{url}: {len(keys)} codes but the shard holds {count} samples; dataset.json sample "
                              "counts are wrong — re-run `rayhash data convert`")
-        write_codes(path, keys, codes, labels, {META_SOURCE: os.path.basename(url), META_BITS: self.bits,
-                                                META_CHECKPOINT: self.checkpoint, META_SKIPPED: skipped})
+        write_codes(path, keys, codes, labels, {META_SOURCE: os.path.basename(url), META_SOURCE_SHA: source_sha,
+                                                META_BITS: self.bits, META_CHECKPOINT: self.checkpoint,
+                                                META_MODEL: self.digest, META_SKIPPED: skipped})
         self.written[no] = skipped
         self.cur, self.parts = self.cur + 1, []
         _fault_injection(len(self.written))
@@ -202,12 +207,12 @@ def _fault_injection(written: int) -> None:
 
 
 def _write_summary(out: str, outputs: list[str], urls: list[str], skipped: dict[int, int], bits: int,
-                   checkpoint: str, data, label_names: list[str]) -> dict[str, Any]:
+                   checkpoint: str, digest: str, data, label_names: list[str]) -> dict[str, Any]:
     from rayhash.index.codes import code_file_rows
 
     shards = [{"file": os.path.basename(o), "source": u, "count": code_file_rows(o)[0], "skipped": skipped[i]}
               for i, (o, u) in enumerate(zip(outputs, urls))]
-    summary = {"bits": bits, "checkpoint": checkpoint,
+    summary = {"bits": bits, "checkpoint": checkpoint, "model_sha256": digest,
                "data": storage.absolute(data) if isinstance(data, (str, os.PathLike)) else None,
                "label_names": label_names, "count": sum(s["count"] for s in shards),
                "skipped_corrupt": sum(s["skipped"] for s in shards), "shards": shards,

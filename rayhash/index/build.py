@@ -136,6 +136,21 @@ def _plan_shards(files: list[str], rows: list[int], shards: int) -> list[list[tu
     return plan
 
 
+def _check_same_model(manifest: dict, digest: str | None, checkpoint: str | None, codes, out: str) -> None:
+    """Codes of two models are not comparable: appending is refused when the weights' sha256 differs (or, where an
+    index or a code folder predates it, the checkpoint path)."""
+    theirs = manifest.get("model_sha256")
+    if digest and theirs:
+        differ = digest != theirs
+    else:
+        differ = bool(checkpoint and manifest.get("checkpoint")) and checkpoint != manifest.get("checkpoint")
+    if differ:
+        raise ValueError(
+            f"{codes}: codes from checkpoint {checkpoint} (weights sha256 {(digest or '?')[:12]}) cannot be appended "
+            f"to {out}, built from checkpoint {manifest.get('checkpoint')} (weights sha256 {(theirs or '?')[:12]}): "
+            "codes of two models are not comparable; build a new index into an empty --out")
+
+
 def build_index(codes: str | os.PathLike | Sequence[str], out: str | os.PathLike, *, index_type: str = "flat",
                 shards: int = 1, append: bool = False, checkpoint: str | None = None,
                 address: str | None = None, **params: Any) -> dict[str, Any]:
@@ -170,6 +185,7 @@ def build_index(codes: str | os.PathLike | Sequence[str], out: str | os.PathLike
         if old["bits"] != bits:
             raise ValueError(f"{codes}: {bits}-bit codes cannot be appended to {out}, which holds {old['bits']}-bit "
                              "codes; build a separate index")
+        _check_same_model(old, summary.get("model_sha256"), checkpoint, codes, out)
         if old["index_type"] != index_type:
             raise ValueError(f"{out} is a {old['index_type']!r} index; append with --type {old['index_type']}")
         params = {**old["params"], **{k: v for k, v in params.items() if v is not None}}
@@ -201,6 +217,7 @@ def build_index(codes: str | os.PathLike | Sequence[str], out: str | os.PathLike
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "bits": bits, "index_type": index_type,
         "faiss_class": _FAISS_CLASS[index_type], "params": params, "checkpoint": checkpoint,
+        "model_sha256": summary.get("model_sha256") or (old or {}).get("model_sha256"),
         "label_names": summary.get("label_names") or (old or {}).get("label_names"),
         "data": summary.get("data") or (old or {}).get("data"),
         "created": old["created"] if old else now, "updated": now,

@@ -1,6 +1,7 @@
 """Checkpoint folders (model.pt + meta.json + config.yaml [+ train_state.pt]) and the inference Encoder."""
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import tempfile
@@ -47,6 +48,7 @@ class LoadedModel:
     label_names: list[str] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
     path: str = ""
+    digest: str = ""  # sha256 of model.pt: what the codes it makes are keyed on (not the path, which retraining reuses)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> LoadedModel:
@@ -60,13 +62,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         with open(cfg_path, "wb") as f:
             f.write(storage.read_bytes(storage.join(ckpt, CONFIG_FILE)))
         config = load_config(cfg_path)
-    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(ckpt, MODEL_FILE))), map_location=map_location,
-                       weights_only=True)
+    weights = storage.read_bytes(storage.join(ckpt, MODEL_FILE))
+    state = torch.load(io.BytesIO(weights), map_location=map_location, weights_only=True)
     model = HashNet.from_config(config.model.model_copy(update={"pretrained": None}), int(meta.get("num_classes", 0)))
     model.load_state_dict(state)
     model.eval()
     return LoadedModel(model=model, config=config, bits=config.model.bits, image_size=config.data.image_size,
-                       label_names=list(meta.get("label_names") or []), meta=meta, path=ckpt)
+                       label_names=list(meta.get("label_names") or []), meta=meta, path=ckpt,
+                       digest=hashlib.sha256(weights).hexdigest())
 
 
 class Encoder:
