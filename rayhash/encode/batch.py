@@ -10,6 +10,7 @@ rest, so codes of two models are never mixed in one folder.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import tarfile
 from datetime import datetime, timezone
@@ -45,16 +46,32 @@ class EncodeBatch:
                 "source": batch["source"]}
 
 
-def _sample_count(url: str) -> int:
-    """Number of samples (distinct keys) in a WebDataset tar, streamed from wherever it is."""
+class _HashingReader:
+    """A read-only stream that feeds every byte it hands out to a sha256."""
+
+    def __init__(self, stream):
+        self.stream, self.sha = stream, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.sha.update(data)
+        return data
+
+
+def _read_record(url: str) -> tuple[int, str]:
+    """(samples (distinct keys), sha256) of a WebDataset tar, in one streamed pass from wherever it is."""
     fs, path = storage.resolve(url)
     keys = set()
-    with fs.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tf:
-        for member in tf:
-            if member.isfile():
-                base = os.path.basename(member.name)
-                keys.add(os.path.join(os.path.dirname(member.name), base.split(".", 1)[0]))
-    return len(keys)
+    with fs.open_input_stream(path) as stream:
+        reader = _HashingReader(stream)
+        with tarfile.open(fileobj=reader, mode="r|") as tf:
+            for member in tf:
+                if member.isfile():
+                    base = os.path.basename(member.name)
+                    keys.add(os.path.join(os.path.dirname(member.name), base.split(".", 1)[0]))
+        while reader.read(8 << 20):  # the tar's end padding belongs to its sha256 too
+            pass
+    return len(keys), reader.sha.hexdigest()
 
 
 def _shard_records(data: str | Sequence[str], urls: list[str]) -> list[tuple[int, str]]:
@@ -69,7 +86,7 @@ def _shard_records(data: str | Sequence[str], urls: list[str]) -> list[tuple[int
                      for split in info.splits.values() for s in split["shards"] if "count" in s and "sha256" in s}
         except (FileNotFoundError, ValueError):
             pass
-    return [known[u] if u in known else (_sample_count(u), storage.sha256_file(u)) for u in urls]
+    return [known[u] if u in known else _read_record(u) for u in urls]
 
 
 def _existing_meta(path: str) -> dict[bytes, bytes]:
