@@ -54,6 +54,7 @@ def _imagenet_tree(root):
 
 
 def test_imagefolder_wnids_flat_val_grayscale_cmyk_truncated(tmp_path, ray_local):
+    shared("nltk_data/corpora/wordnet")  # label names and the hierarchy come from real WordNet
     root, out = tmp_path / "imagenet", tmp_path / "ds"
     val_labels = _imagenet_tree(root)
     convert_imagefolder(root, str(out), shard_size=4)
