@@ -1,8 +1,9 @@
 """Streaming shards through Ray Data: decode, transform, shuffle, join caption targets, count corrupt samples.
 
-Corrupt or undecodable samples are skipped, logged and counted in a named Ray actor (``rayhash_data_skips`` in
-namespace ``rayhash``, owned by the driver that called :func:`read_shards`); read the counts with
-:func:`skip_counts` after (or while) consuming the dataset.
+Corrupt or undecodable samples are skipped, logged and counted in a named Ray actor of the current Ray job
+(``rayhash_data_skips-<job id>`` in namespace ``rayhash``, owned by that job's driver): every job counts its own
+skips, and a job that ends takes only its own counter with it. Read the counts with :func:`skip_counts` after (or
+while) consuming the dataset.
 
 Caption targets: the Parquet table (key -> embedding) is loaded once on the driver, sorted by key and put in the
 object store; every batch looks its keys up with a binary search. That is fine up to a few million captions
@@ -52,19 +53,22 @@ class SkipCounter:
 
 
 def _skip_actor(create: bool):
+    """This job's skip counter (created on first use when ``create``): one per Ray job, never shared between
+    jobs, so no job depends on an actor that another job owns and takes down when it ends."""
     import ray
 
+    name = f"{SKIP_ACTOR}-{ray.get_runtime_context().get_job_id()}"
     try:
-        return ray.get_actor(SKIP_ACTOR, namespace=SKIP_NAMESPACE)
+        return ray.get_actor(name, namespace=SKIP_NAMESPACE)
     except ValueError:
         if not create:
             return None
     return ray.remote(num_cpus=0)(SkipCounter).options(
-        name=SKIP_ACTOR, namespace=SKIP_NAMESPACE, get_if_exists=True).remote()
+        name=name, namespace=SKIP_NAMESPACE, get_if_exists=True).remote()
 
 
 def skip_counts(reset: bool = False) -> dict:
-    """Samples skipped by :func:`read_shards` pipelines of this Ray session so far:
+    """Samples skipped by the :func:`read_shards` pipelines of this Ray job so far:
     ``{"skipped": n, "by_reason": {...}, "by_shard": {url: n}, "examples": [{key, shard, reason}, ...]}``."""
     import ray
 
