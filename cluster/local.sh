@@ -73,9 +73,22 @@ alive_pids() {
 }
 
 api() {  # api PATH : GET on the dashboard HTTP API (with the token when auth is on)
-  local hdr=()
-  [[ -s "$DIR/auth_token" ]] && hdr=(-H "Authorization: Bearer $(cat "$DIR/auth_token")")
-  curl -sf --max-time 5 "${hdr[@]}" "http://127.0.0.1:$DASHBOARD_PORT$1"
+  # The header goes to curl on stdin (printf and $(<file) are bash builtins): the token is never in any argv.
+  if [[ -s "$DIR/auth_token" ]]; then
+    printf 'Authorization: Bearer %s\n' "$(<"$DIR/auth_token")" |
+      curl -sf --max-time 5 -H @- "http://127.0.0.1:$DASHBOARD_PORT$1"
+  else
+    curl -sf --max-time 5 "http://127.0.0.1:$DASHBOARD_PORT$1"
+  fi
+}
+
+private_dir() {  # the state folder: created 0700 by us, or refused (a name under /tmp can be planted by others)
+  if [[ -e "$DIR" || -L "$DIR" ]]; then
+    [[ -d "$DIR" && ! -L "$DIR" && -O "$DIR" ]] || die "$DIR exists and is not a folder owned by you; remove it or set RAYHASH_LOCAL_DIR"
+    [[ "$(stat -c %a "$DIR")" =~ ^7?00$ ]] || die "$DIR is open to other users (mode $(stat -c %a "$DIR")); chmod 700 it or set RAYHASH_LOCAL_DIR"
+  else
+    (umask 077 && mkdir -p "$DIR")
+  fi
 }
 
 alive_nodes() {  # number of ALIVE nodes according to the head
@@ -107,7 +120,7 @@ do_up() {
   [[ -x "$RAY" ]] || die "no 'ray' executable: create .venv (make install) or set RAYHASH_RAY"
   [[ -n "$(alive_pids)" ]] && die "a cluster from this script already runs in $DIR; run '$0 down' first"
   (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && die "port $PORT is in use; set RAYHASH_LOCAL_PORT"
-  mkdir -p "$DIR"
+  private_dir
   rm -f "$DIR"/node-*.pid "$DIR/auth_token"
   if [[ -n "${RAYHASH_LOCAL_TOKEN:-}" ]]; then
     (umask 077 && printf '%s' "$RAYHASH_LOCAL_TOKEN" >"$DIR/auth_token")

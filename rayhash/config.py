@@ -11,7 +11,6 @@ from typing import Any, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "cifar_resnet", "resnet9", "tiny_cnn")
 BETA_SCHEDULES = ("constant", "ramp")  # rayhash.losses.hashing.beta_at
 KL_DISTANCES = ("l2", "l1")  # rayhash.losses.kl.DISTANCES
 
@@ -42,11 +41,20 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    backbone: Literal[BACKBONES] = "cifar_resnet"
+    backbone: str = "cifar_resnet"  # a name in rayhash.model.BACKBONES (`rayhash train --help` lists them)
     bits: int = Field(64, ge=16, le=128)
     pretrained: str | None = None  # local .pt/.pth state_dict for the torchvision backbone; never downloaded
     width: int = Field(32, ge=4, le=512)  # channels of the first block (tiny_cnn, resnet9)
     hash_norm: bool = False  # BatchNorm before tanh: centred, balanced bits that do not saturate to constants
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, v: str) -> str:
+        from rayhash.model.backbones import BACKBONES
+
+        if v not in BACKBONES:
+            raise ValueError(BACKBONES.unknown(v))
+        return v
 
     @field_validator("bits")
     @classmethod
@@ -118,12 +126,13 @@ class RunConfig(_Section):
 
     def check_paths(self) -> None:
         """Fail fast (before Ray starts) when a local input path named in the config is missing."""
-        from rayhash.storage import exists, join
+        from rayhash.layout import DatasetDir
+        from rayhash.storage import exists
 
         if not self.data.path:
             raise ValueError("data.path is not set: pass --data DS (a folder from `rayhash data convert`) "
                              "or set data.path=DS")
-        info = join(self.data.path, "dataset.json")
+        info = DatasetDir(self.data.path).info
         if not exists(info):
             raise FileNotFoundError(f"data.path: {info} not found; point data.path / --data at a dataset "
                                     "folder written by `rayhash data convert`")

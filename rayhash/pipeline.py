@@ -10,13 +10,12 @@ import argparse
 from pathlib import Path
 
 from rayhash import storage
+from rayhash.cliargs import positive_int
+from rayhash.layout import PipelineDir
 from rayhash.runtime import get_logger
 
 log = get_logger("pipeline")
 
-DEFAULT_CONFIGS = {"synthetic": "demo", "cifar100": "cifar100", "captions": "conceptual_captions",
-                   "imagefolder": "imagenet"}
-DEMO_CONFIGS = {"synthetic": "demo", "cifar100": "cifar100-cpu", "captions": "demo", "imagefolder": "demo"}  # CPU-sized
 
 
 def find_config(name_or_path: str) -> str:
@@ -33,28 +32,20 @@ def find_config(name_or_path: str) -> str:
 
 
 def convert(dataset: str, source: str | None, ds_dir: str, shard_size: int | None = None,
-            limit: int | None = None) -> None:
+            limit: int | None = None) -> dict:
     """Convert raw data into WebDataset shards (resumable: finished shards are kept). ``limit`` caps images per
-    class (cifar100) or images (captions), for quick runs."""
-    from rayhash import data
+    class (cifar100, imagefolder) or images (captions), for quick runs; ``cifar100`` without a source downloads."""
+    from rayhash.data import CONVERTERS, convert as run_converter
 
-    kwargs = {"shard_size": shard_size} if shard_size else {}
-    if dataset == "synthetic":
-        data.convert_synthetic(ds_dir, **kwargs)
-    elif dataset == "cifar100":
-        data.convert_cifar100(source, ds_dir, limit_per_class=limit, download=source is None, **kwargs)
-    elif dataset == "imagefolder":
-        data.convert_imagefolder(_required(source, dataset), ds_dir, **kwargs)
-    elif dataset == "captions":
-        data.convert_captions(_required(source, dataset), ds_dir, limit=limit, **kwargs)
-    else:
-        raise ValueError(f"unknown dataset {dataset!r}: choose synthetic, cifar100, imagefolder or captions")
-
-
-def _required(source: str | None, dataset: str) -> str:
-    if not source:
-        raise ValueError(f"dataset {dataset!r} needs --data pointing at the raw data")
-    return source
+    conv = CONVERTERS[dataset]
+    options = {"shard_size": shard_size}
+    if limit is not None:
+        if not conv.limit:
+            raise ValueError(f"--limit: the {dataset} converter takes no limit")
+        options[conv.limit] = limit
+    if source is None and dataset == "cifar100":
+        options["download"] = True
+    return run_converter(dataset, source, ds_dir, **options)
 
 
 def run_pipeline(out: str, *, dataset: str = "synthetic", source: str | None = None, config: str | None = None,
@@ -64,7 +55,7 @@ def run_pipeline(out: str, *, dataset: str = "synthetic", source: str | None = N
     protocol (queries = the held-out split, database = the training split), with the reference protocol's
     (queries = database = the held-out split, Barz & Denzler; written to eval/reference/) under ``"reference"``."""
     from rayhash.config import load_config
-    from rayhash.data import embed_captions, load_dataset_info
+    from rayhash.data import CONVERTERS, embed_captions, load_dataset_info
     from rayhash.encode import encode_dataset
     from rayhash.eval import evaluate
     from rayhash.index import build_index
@@ -72,31 +63,29 @@ def run_pipeline(out: str, *, dataset: str = "synthetic", source: str | None = N
     from rayhash.train import train
 
     init_ray(address)
-    out = storage.absolute(out)
-    paths = {name: storage.join(out, name) for name in ("data", "run", "codes", "index", "eval")}
-    log.info("[1/5] converting %s data into shards under %s", dataset, paths["data"])
-    convert(dataset, source, paths["data"], limit=limit)
-    info = load_dataset_info(paths["data"])
-    cfg_path = find_config(config or DEFAULT_CONFIGS[dataset])
-    extra = [f"data.path={paths['data']}"]
+    out = PipelineDir(storage.absolute(out))
+    log.info("[1/5] converting %s data into shards under %s", dataset, out.data)
+    convert(dataset, source, out.data, limit=limit)
+    info = load_dataset_info(out.data)
+    cfg_path = find_config(config or CONVERTERS[dataset].config)
+    extra = [f"data.path={out.data}"]
     if info.kind == "captions":
-        emb = embed_captions(paths["data"])  # kept when it already exists
+        emb = embed_captions(out.data)  # kept when it already exists
         extra.append(f"data.caption_embeddings={emb}")
     cfg = load_config(cfg_path, [*extra, *overrides])
-    log.info("[2/5] training (%s) into %s", cfg_path, paths["run"])
-    result = train(cfg, paths["run"], resume=storage.exists(paths["run"]))
+    log.info("[2/5] training (%s) into %s", cfg_path, out.run)
+    result = train(cfg, out.run, resume=storage.exists(out.run))
     db_split = cfg.data.train_split
     query_split = cfg.data.val_split or next(s for s in info.splits if s != db_split)
     log.info("[3/5] encoding the %s split", db_split)
-    encode_dataset(result.checkpoint, storage.join(paths["data"], db_split), paths["codes"])
+    encode_dataset(result.checkpoint, out.data.split(db_split), out.codes)
     log.info("[4/5] building a %d-shard binary index", index_shards)
-    resumed = storage.finished(storage.join(paths["index"], "manifest.json"))  # a re-run indexes only new code files
-    build_index(paths["codes"], paths["index"], index_type="flat", shards=index_shards, append=resumed)
+    resumed = storage.finished(out.index.manifest)  # a re-run indexes only new code files
+    build_index(out.codes, out.index, index_type="flat", shards=index_shards, append=resumed)
     log.info("[5/5] evaluating %s queries against the index, then on their own (reference protocol)", query_split)
-    queries = storage.join(paths["data"], query_split)
-    metrics = evaluate(paths["index"], result.checkpoint, queries, paths["eval"])
-    metrics["reference"] = evaluate(None, result.checkpoint, queries, storage.join(paths["eval"], "reference"),
-                                    protocol="reference")
+    queries = out.data.split(query_split)
+    metrics = evaluate(out.index, result.checkpoint, queries, out.eval)
+    metrics["reference"] = evaluate(None, result.checkpoint, queries, out.eval.reference, protocol="reference")
     return metrics
 
 
@@ -113,33 +102,38 @@ def results_table(metrics: dict) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    config = args.config or (DEMO_CONFIGS[args.dataset] if args.command == "demo" else None)
+    from rayhash.data import CONVERTERS
+
+    config = args.config or (CONVERTERS[args.dataset].demo_config if args.command == "demo" else None)
     metrics = run_pipeline(args.out, dataset=args.dataset, source=args.data, config=config,
                            overrides=args.overrides, index_shards=args.index_shards,
                            limit=args.limit, address=args.address)
     print(f"\nrayhash results ({args.dataset}):\n{results_table(metrics)}")
-    eval_dir = storage.join(args.out, "eval")
-    print(f"\nreport: {storage.join(eval_dir, 'metrics.json')}")
-    for png in storage.list_files(eval_dir, ".png"):
+    out = PipelineDir(args.out)
+    print(f"\nreport: {out.eval.metrics}")
+    for png in storage.list_files(out.eval, ".png"):
         print(f"plot:   {png}")
-    print(f"training curves: {storage.join(args.out, 'run', 'curves.png')}")
+    print(f"training curves: {out.run.curves}")
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from rayhash.data import CONVERTERS
+
     for name, help_ in (("demo", "run the whole pipeline on the offline synthetic dataset (a few minutes, CPU)"),
                         ("pipeline", "run every stage end to end (convert, train, encode, index, eval)")):
         p = sub.add_parser(name, help=help_, description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--dataset", default="synthetic", choices=sorted(DEFAULT_CONFIGS),
-                       help="which converter to run (default: synthetic, needs no data)")
+        p.add_argument("--dataset", default="synthetic", choices=CONVERTERS.names(),
+                       help="which converter to run (default: synthetic, needs no data): "
+                            + "; ".join(f"{k.name} (config {k.config})" for k in CONVERTERS))
         p.add_argument("--data", default=None, help="raw data for the converter (cifar100: empty = download)")
         p.add_argument("--config", default=None,
                        help="YAML config (default for demo: configs/demo.yaml, cifar100: configs/cifar100-cpu.yaml; "
                             "for pipeline: the dataset's config)")
         p.add_argument("--out", default=f"runs/{name}", help="output folder (default: %(default)s)")
-        p.add_argument("--index-shards", type=int, default=2, help="index shards (default: %(default)s)")
-        p.add_argument("--limit", type=int, default=None,
+        p.add_argument("--index-shards", type=positive_int, default=2, help="index shards (default: %(default)s)")
+        p.add_argument("--limit", type=positive_int, default=None,
                        help="cap images per class (cifar100) or images (captions) when converting")
         p.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
         p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train.epochs=3")

@@ -63,11 +63,26 @@ def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", un
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True)
 
 
+def ray_gave_no_gpu() -> bool:
+    """True inside a Ray task or actor that was given no GPU. Ray no longer hides a node's GPUs from work that asked
+    for none (it leaves CUDA_VISIBLE_DEVICES alone for num_gpus=0), so such work must not pick cuda:0 by itself:
+    it would share a GPU that Ray gave to another worker. False in a driver and outside Ray."""
+    try:
+        import ray
+        from ray._private import worker
+
+        return (ray.is_initialized() and worker.global_worker.mode == worker.WORKER_MODE
+                and not ray.get_gpu_ids())
+    except Exception:  # no Ray, or a Ray without these internals: decide by the devices present
+        return False
+
+
 def torch_device():
-    """``torch.device`` CUDA when available, else CPU: the single place the code path decides."""
+    """``torch.device`` CUDA when a GPU is present and this process may use it (see :func:`ray_gave_no_gpu`),
+    else CPU: the single place the code path decides."""
     import torch
 
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device("cuda" if torch.cuda.is_available() and not ray_gave_no_gpu() else "cpu")
 
 
 def bf16_supported(device) -> bool:

@@ -81,6 +81,16 @@ def list_files(uri: str | os.PathLike, suffix: str = "") -> list[str]:
     return [join(uri, n) for n in names]
 
 
+def list_dirs(uri: str | os.PathLike, prefix: str = "") -> list[str]:
+    """Sorted full URIs/paths of the folders directly inside ``uri`` whose names start with ``prefix``."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    return [join(uri, n) for n in sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory
+                                         and i.base_name.startswith(prefix))]
+
+
 def read_bytes(uri: str | os.PathLike) -> bytes:
     fs, path = resolve(uri)
     with fs.open_input_stream(path) as f:

@@ -86,3 +86,55 @@ def test_local_sh_usage_and_bad_worker_count():
     bad = subprocess.run(["bash", str(LOCAL_SH), "up", "two"], capture_output=True, text=True,
                          env={**os.environ, "RAYHASH_LOCAL_DIR": "/tmp/rh-never-created"})
     assert bad.returncode == 1 and "N_WORKERS must be a number" in bad.stderr
+
+
+def _pod_specs(doc: dict) -> list[tuple[str, dict]]:
+    """(role, pod spec) of every pod the manifest creates: Ray head and worker groups, and a RayJob's submitter."""
+    out = [("ray", g["template"]["spec"]) for g in _ray_pods(doc)]
+    if doc["kind"] == "RayJob":
+        out.append(("submitter", doc["spec"]["submitterPodTemplate"]["spec"]))
+    return out
+
+
+@pytest.mark.parametrize("rel", KUBERAY)
+def test_kuberay_pods_pinned_non_root_unprivileged_with_dev_shm(rel):
+    ray_doc = next(d for d in _load(rel) if d["kind"] in ("RayCluster", "RayJob"))
+    specs = _pod_specs(ray_doc)
+    assert len(specs) >= 3
+    for role, spec in specs:
+        assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] != 0
+        for c in spec["containers"]:
+            assert re.fullmatch(r"[^@\s]+@sha256:\S+", c["image"]), c["image"]  # pinned by digest, not a tag
+            assert c["securityContext"]["allowPrivilegeEscalation"] is False
+            assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+            if role == "ray":  # Ray's object store lives in /dev/shm: 64 MB in a container unless mounted
+                mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+                volume = next(v for v in spec["volumes"] if v["name"] == mounts["/dev/shm"])
+                assert volume["emptyDir"]["medium"] == "Memory"
+
+
+def test_ray_pinned_to_a_version_that_enforces_token_auth():
+    """Below Ray 2.52 the token-auth setting is silently ignored: the project must not install one."""
+    import tomllib
+
+    deps = tomllib.loads((CLUSTER.parent / "pyproject.toml").read_text())["project"]["dependencies"]
+    (ray,) = [d for d in deps if re.match(r"ray\b|ray\[", d)]
+    m = re.search(r">=\s*(\d+)\.(\d+)", ray)
+    assert m and (int(m.group(1)), int(m.group(2))) >= (2, 52), ray
+
+
+def test_local_sh_refuses_a_state_folder_others_can_write(tmp_path):
+    """A predictable name under /tmp could be planted by another user: local.sh uses it only when it is a folder
+    of ours with no group or other permissions."""
+    planted = tmp_path / "state"
+    planted.mkdir(mode=0o777)
+    planted.chmod(0o777)
+    env = {**os.environ, "RAYHASH_LOCAL_DIR": str(planted), "RAYHASH_LOCAL_PORT": "26990"}
+    r = subprocess.run(["bash", str(LOCAL_SH), "up", "0"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 1 and "open to other users (mode 777)" in r.stderr and "chmod 700" in r.stderr
+    link = tmp_path / "link"
+    link.symlink_to(planted)
+    r = subprocess.run(["bash", str(LOCAL_SH), "up", "0"], capture_output=True, text=True,
+                       env={**env, "RAYHASH_LOCAL_DIR": str(link)}, timeout=120)
+    assert r.returncode == 1 and "not a folder owned by you" in r.stderr
+    assert not any(planted.iterdir())  # nothing written into it

@@ -152,9 +152,9 @@ def _retrain_in_place(run: str) -> None:
     """New weights at the same checkpoint path, as retraining into the same --out does."""
     import torch
 
-    from rayhash.model.checkpoint import MODEL_FILE, checkpoint_dir
+    from rayhash.model import checkpoint_dir
 
-    path = os.path.join(checkpoint_dir(run), MODEL_FILE)
+    path = checkpoint_dir(run).model
     state = torch.load(path, weights_only=True)
     g = torch.Generator().manual_seed(7)
     torch.save({k: (v + 0.5 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v)

@@ -81,3 +81,58 @@ def test_gpu_defaults_schedule_on_gpu_node_and_match_cpu(data_cifar_small, index
     assert emb[0].column("key").to_pylist() == emb[1].column("key").to_pylist() and emb[0].num_rows == 6
     np.testing.assert_allclose(np.asarray(emb[1].column("embedding").to_pylist()),
                                np.asarray(emb[0].column("embedding").to_pylist()), atol=1e-5)
+
+
+def _fake_cuda(monkeypatch, capability=(8, 0)):
+    """A machine with one CUDA GPU, as torch and faiss would report it (the hardware is absent here)."""
+    import faiss
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    if not hasattr(faiss, "GpuIndexBinaryFlat"):
+        monkeypatch.setattr(faiss, "GpuIndexBinaryFlat", object, raising=False)
+
+
+@pytest.mark.parametrize("capability, usable", [((7, 0), True), ((8, 9), True), ((9, 0), False), ((10, 0), False)])
+def test_faiss_gpu_only_on_gpus_its_wheel_has_kernels_for(monkeypatch, capability, usable, caplog):
+    """faiss-gpu-cu12 wheels have kernels up to compute capability 8.9: on an H100 (9.0) the first kernel launch
+    aborts the process, so the index stays on CPU and says why."""
+    from rayhash.index.search import faiss_gpu_usable
+
+    _fake_cuda(monkeypatch, capability)
+    monkeypatch.delenv("RAYHASH_FAISS_GPU", raising=False)
+    assert faiss_gpu_usable() is usable
+    if not usable:
+        assert "searching on CPU" in caplog.text and f"{capability[0]}.{capability[1]}" in caplog.text
+        monkeypatch.setenv("RAYHASH_FAISS_GPU", "force")
+        assert faiss_gpu_usable() is True
+
+
+def test_work_given_no_gpu_stays_on_cpu_on_a_gpu_node(ray_local):
+    """Ray no longer hides a node's GPUs from tasks and actors that asked for none: they must not pick cuda:0 (or a
+    faiss GPU index) by themselves. The driver may."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def choose():
+        import faiss
+        import torch
+
+        saved = torch.cuda.is_available, torch.cuda.get_device_capability, faiss.get_num_gpus
+        torch.cuda.is_available = lambda: True  # this worker sees a GPU, as it would on a GPU node
+        torch.cuda.get_device_capability = lambda device=None: (8, 0)
+        faiss.get_num_gpus = lambda: 1
+        try:
+            from rayhash.index.search import faiss_gpu_usable
+            from rayhash.runtime import ray_gave_no_gpu, torch_device
+
+            return ray_gave_no_gpu(), str(torch_device()), faiss_gpu_usable()
+        finally:  # Ray reuses this worker process for later tasks
+            torch.cuda.is_available, torch.cuda.get_device_capability, faiss.get_num_gpus = saved
+
+    assert ray.get(choose.remote()) == (True, "cpu", False)
+    from rayhash.runtime import ray_gave_no_gpu
+
+    assert ray_gave_no_gpu() is False  # the driver decides by the devices present

@@ -64,3 +64,234 @@ def test_skip_counter_is_per_job_and_survives_another_job_ending(tmp_path, ray_l
     after = skip_counts()  # the other job's skip is not in this job's count
     assert after["skipped"] == before + 1
     assert any(e["key"] == "junk" and e["reason"] == "undecodable image" for e in after["examples"])
+
+
+def test_label_out_of_range_or_not_a_number_is_skipped_and_counted(tmp_path, ray_local):
+    """A ``cls`` past the classifier (or below -1, or not an integer) never reaches the loss (an IndexError on
+    CPU, a device assert on GPU): the sample is skipped and counted by reason, the rest of the shard goes on."""
+    shard = _tar(tmp_path / "s" / "s-000000.tar",
+                 [_good("ok0", 0), {**_good("big", 0), "cls": b"3"}, {**_good("neg", 0), "cls": b"-5"},
+                  {**_good("nan", 0), "cls": b"two"}, _good("ok1", 2), {**_good("unlabelled", 0), "cls": b""}])
+    before = skip_counts()["by_reason"]
+    rows = read_shards(shard, mode="raw", num_classes=3).take_all()
+    assert sorted((r["key"], r["label"]) for r in rows) == [("ok0", 0), ("ok1", 2), ("unlabelled", -1)]
+    after = skip_counts()["by_reason"]
+    assert after.get("cls out of range", 0) - before.get("cls out of range", 0) == 2
+    assert after.get("bad cls label", 0) - before.get("bad cls label", 0) == 1
+
+
+class _Payload:
+    """Unpickling this runs ``os.mkdir(marker)``: the code a hostile checkpoint would run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_resume_state_holding_a_pickle_payload_is_refused_and_never_run(tmp_path):
+    import torch
+
+    from rayhash.config import RunConfig
+    from rayhash.train import build_training, load_train_state, save_train_state
+
+    cfg = RunConfig.model_validate({"model": {"backbone": "tiny_cnn", "bits": 16, "width": 4}})
+    model, opt, sched, _ = build_training(cfg, 3, 10)
+    save_train_state(str(tmp_path), model, opt, sched, cfg, {"num_classes": 3}, {"epoch": 0, "step": 3})
+    load_train_state(str(tmp_path), model, opt, sched)  # rayhash's own state loads under weights_only
+    marker = tmp_path / "payload-ran"
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    torch.save({**state, "extra": _Payload(marker)}, tmp_path / "train_state.pt")
+    try:
+        load_train_state(str(tmp_path), model, opt, sched)
+        raise AssertionError("a checkpoint with a pickle payload was loaded")
+    except ValueError as e:
+        assert "train_state.pt" in str(e) and "train afresh" in str(e)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("argv, option, rule", [
+    (["data", "convert", "synthetic", "--out", "DS", "--shard-size", "0"], "--shard-size", "at least 1"),
+    (["data", "convert", "cifar100", "SRC", "--out", "DS", "--limit-per-class", "-1"], "--limit-per-class",
+     "at least 1"),
+    (["data", "convert", "captions", "SRC", "--out", "DS", "--val-fraction", "1.0"], "--val-fraction", "below 1"),
+    (["data", "convert", "captions", "SRC", "--out", "DS", "--val-fraction", "-0.1"], "--val-fraction", "at least 0"),
+    (["data", "convert", "synthetic", "--out", "DS", "--per-class", "5", "0"], "--per-class", "at least 1"),
+    (["index", "build", "--codes", "C", "--out", "I", "--hash-bits", "0"], "--hash-bits", "at least 1"),
+    (["index", "build", "--codes", "C", "--out", "I", "--shards", "0"], "--shards", "at least 1"),
+    (["index", "build", "--codes", "C", "--out", "I", "--nflip", "-1"], "--nflip", "0 or more"),
+    (["query", "--index", "I", "--key", "a", "--k", "0"], "--k", "at least 1"),
+    (["encode", "--checkpoint", "R", "--data", "D", "--out", "C", "--batch-size", "0"], "--batch-size", "at least 1"),
+    (["encode", "--checkpoint", "R", "--data", "D", "--out", "C", "--num-gpus", "-1"], "--num-gpus", "0 or more"),
+    (["eval", "--index", "I", "--queries", "Q", "--out", "E", "--k", "ten"], "--k", "not an integer"),
+    (["eval", "--index", "I", "--queries", "Q", "--out", "E", "--radius", "-2"], "--radius", "0 or more"),
+    (["pipeline", "--index-shards", "0"], "--index-shards", "at least 1"),
+])
+def test_cli_numbers_out_of_range_are_refused_naming_the_option(argv, option, rule, capsys):
+    from rayhash.cli import main
+
+    try:
+        main(argv)
+        raise AssertionError(f"{argv} was accepted")
+    except SystemExit as e:
+        assert e.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}" in err and rule in err, err
+
+
+def _encoded(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _palette_image(grey: int) -> Image.Image:
+    img = Image.fromarray(np.full((4, 4), 3, np.uint8), "P")
+    img.putpalette([0, 0, 0] * 3 + [grey] * 3 + [0, 0, 0] * 252)
+    return img
+
+
+@pytest.mark.parametrize("mode, make, expect", [
+    ("1", lambda: Image.fromarray(np.ones((4, 4), bool)), 255),
+    ("L", lambda: Image.fromarray(np.full((4, 4), 77, np.uint8)), 77),
+    ("LA", lambda: Image.fromarray(np.dstack([np.full((4, 4), 77, np.uint8), np.full((4, 4), 255, np.uint8)]), "LA"),
+     77),
+    ("P", lambda: _palette_image(77), 77),
+    ("RGBA half transparent over white", lambda: Image.fromarray(np.dstack([np.zeros((4, 4, 3), np.uint8),
+                                                                           np.full((4, 4), 128, np.uint8)])),
+     round(255 * 127 / 255)),
+    ("CMYK", lambda: Image.fromarray(np.full((4, 4, 3), 77, np.uint8)).convert("CMYK"), 77),
+    ("I;16 at 40000", lambda: Image.fromarray(np.full((4, 4), 40000, np.uint16)), round(40000 * 255 / 65535)),
+    ("I at 40000", lambda: Image.fromarray(np.full((4, 4), 40000, np.int32), "I"), round(40000 * 255 / 65535)),
+    ("I at 77", lambda: Image.fromarray(np.full((4, 4), 77, np.int32), "I"), 77),
+    ("F at 0.5", lambda: Image.fromarray(np.full((4, 4), 0.5, np.float32)), 128),
+])
+def test_every_image_mode_decodes_to_scaled_rgb(mode, make, expect):
+    """16-bit values are scaled (40000 -> 156, not clipped to white), float [0, 1] by 255 (0.5 -> 128, not black)."""
+    from rayhash.data import decode_image
+
+    img = make()
+    fmt = "TIFF" if img.mode in ("F", "I", "CMYK") else "PNG"
+    out = np.asarray(decode_image(_encoded(img, fmt)))
+    assert out.shape == (4, 4, 3) and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - expect).max() <= 1, (mode, out[0, 0])
+
+
+def test_exif_orientation_is_applied():
+    """A phone photo stored sideways with EXIF orientation 6 (rotate 90° clockwise to view) decodes upright."""
+    from rayhash.data import decode_image
+
+    arr = np.zeros((20, 30, 3), np.uint8)
+    arr[:10, :10] = (255, 0, 0)  # top-left red block, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = np.asarray(decode_image(_encoded(Image.fromarray(arr), "PNG", exif=exif.tobytes())))
+    assert out.shape == (30, 20, 3)  # width and height swapped
+    assert np.array_equal(out, np.rot90(arr, -1))  # turned 90° clockwise: the red block is now top-right
+
+
+def test_image_over_the_pixel_limit_is_refused_from_its_header(monkeypatch):
+    from rayhash.data import decode_image
+
+    monkeypatch.setenv("RAYHASH_MAX_IMAGE_PIXELS", "1000000")
+    data = _encoded(Image.new("L", (2000, 1000)))  # 2 megapixels in ~2 KB
+    try:
+        decode_image(data)
+        raise AssertionError("an image over the pixel limit was decoded")
+    except ValueError as e:
+        assert "2000x1000" in str(e) and "RAYHASH_MAX_IMAGE_PIXELS" in str(e)
+    monkeypatch.setenv("RAYHASH_MAX_IMAGE_PIXELS", "3000000")
+    assert decode_image(data).size == (2000, 1000)
+
+
+def test_decompression_bomb_in_a_shard_is_skipped_and_counted(tmp_path, ray_local):
+    """PIL's own bomb guard (over 2 x its MAX_IMAGE_PIXELS, ~179 MP) fires on the header: a 20000 x 20000 PNG of
+    a few hundred KB is skipped as undecodable, never decoded (400 MP, 1.2 GB as RGB)."""
+    bomb = _png(Image.new("1", (20000, 20000)))
+    assert len(bomb) < 1_000_000
+    shard = _tar(tmp_path / "s" / "s-000000.tar", [_good("ok0"), {"__key__": "bomb", "png": bomb, "cls": b"0"}])
+    before = skip_counts()["by_reason"].get("undecodable image", 0)
+    rows = read_shards(shard, mode="train", image_size=32).take_all()
+    assert [r["key"] for r in rows] == ["ok0"]
+    assert skip_counts()["by_reason"]["undecodable image"] == before + 1
+
+
+def test_extreme_aspect_ratio_decodes_under_bounded_memory():
+    """A 122-byte 1x20000 PNG through the 224-px transforms: resizing its short side to 224 would make a 3-GB image;
+    only the part the crop keeps is resized (peak memory measured in a fresh process)."""
+    code = textwrap.dedent("""
+        import io, resource
+        import numpy as np
+        from PIL import Image
+        from rayhash.data.images import decode_image, eval_array, raw_array, train_array
+        buf = io.BytesIO(); Image.new("L", (1, 20000)).save(buf, format="PNG")
+        img = decode_image(buf.getvalue())
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        shapes = [eval_array(img, 224).shape, train_array(img, 224).shape, raw_array(img, 224).shape]
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+        print(len(buf.getvalue()), shapes, grown)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    size, rest = out.stdout.split(" ", 1)
+    shapes, grown = rest.rsplit(" ", 1)
+    assert int(size) < 1000
+    assert shapes.strip() == "[(3, 224, 224), (3, 224, 224), (224, 224, 3)]"
+    assert int(grown) < 100 * 1024  # KiB: under 100 MB
+
+
+def test_file_names_that_map_to_one_key_keep_distinct_samples(tmp_path, ray_local):
+    """``a b.jpg`` / ``a_b.jpg`` and ``猫.jpg`` / ``犬.jpg`` reduce to one WebDataset key each; a caption list with
+    ``a.jpg`` and ``a.png`` shares a stem; a 200-character name is kept. Every image becomes its own sample (training
+    later failed with "duplicate file name"); keys that did not collide are unchanged."""
+    from rayhash.data import convert, load_dataset_info
+
+    root = tmp_path / "tree"
+    names = ["a b.jpg", "a_b.jpg", "猫.jpg", "犬.jpg", "plain.jpg", "x" * 200 + ".jpg"]
+    for i, n in enumerate(names):  # one class folder: the file names themselves collide
+        d = root / "train" / "n01440764"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8, 3), 20 * i, np.uint8)).save(d / n)
+    (root / "train" / "n01443537").mkdir()
+    Image.fromarray(np.full((8, 8, 3), 250, np.uint8)).save(root / "train" / "n01443537" / "other.jpg")
+    convert("imagefolder", str(root), str(tmp_path / "ds"))
+    rows = read_shards(load_dataset_info(tmp_path / "ds").shard_paths("train"), mode="raw").take_all()
+    keys = sorted(r["key"] for r in rows)
+    assert len(keys) == len(set(keys)) == len(names) + 1
+    for stem in ("plain", "x" * 200, "other"):  # names that did not collide keep a key without a hash suffix
+        assert any(k.endswith(stem) for k in keys), stem
+    by_value = {int(r["image"][0, 0, 0]): r["key"] for r in rows}
+    assert sorted(by_value) == [20 * i for i in range(len(names))] + [250]  # each image under its own key
+
+    cap = tmp_path / "cap"
+    (cap / "images").mkdir(parents=True)
+    for n, v in (("a.jpg", 10), ("a.png", 200), ("b.jpg", 90)):
+        Image.fromarray(np.full((8, 8, 3), v, np.uint8)).save(cap / "images" / n)
+    (cap / "captions.txt").write_text("image,caption\na.jpg,a dog\na.png,a cat\nb.jpg,a bird\n")
+    doc = convert("captions", str(cap), str(tmp_path / "dsc"), val_fraction=0.0)
+    rows = read_shards(load_dataset_info(tmp_path / "dsc").shard_paths("train"), mode="raw").take_all()
+    assert doc["splits"]["train"]["count"] == 3 and len({r["key"] for r in rows}) == 3 and "b" in {r["key"] for r in rows}
+
+
+def test_cifar_archive_with_a_pickle_payload_is_refused_and_never_run(tmp_path):
+    """The CIFAR pickles are unpickled admitting only numpy arrays and plain containers."""
+    import pickle
+
+    from rayhash.data import convert
+
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    marker = tmp_path / "payload-ran"
+    good = {"data": np.zeros((2, 3072), np.uint8), "fine_labels": [0, 1], "coarse_labels": [0, 0],
+            "filenames": [b"a.png", b"b.png"]}
+    (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": ["apple", "aquarium_fish"],
+                                               "coarse_label_names": ["fruit"]}))
+    (folder / "test").write_bytes(pickle.dumps(good))
+    (folder / "train").write_bytes(pickle.dumps({**good, "extra": _Payload(marker)}))
+    try:
+        convert("cifar100", str(folder), str(tmp_path / "ds"))
+        raise AssertionError("a CIFAR archive with a pickle payload was converted")
+    except ValueError as e:
+        assert str(folder / "train") in str(e) and "mkdir" in str(e)
+    assert not marker.exists() and not (tmp_path / "ds" / "dataset.json").exists()

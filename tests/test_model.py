@@ -159,3 +159,21 @@ def test_train_state_restore_is_exact(tmp_path):
     step(model2, opt2, sched2, loss_fn2, batches[3], 3)
     for a, b in zip(model.parameters(), model2.parameters()):
         assert torch.equal(a, b)
+
+
+def test_hash_layer_runs_in_float32_under_bf16_autocast():
+    """Under bf16 autocast the backbone runs in bf16 but the codes do not: bf16 rounds tanh(4.0) to exactly 1.0
+    (no gradient past ~3.5) and makes near-equal code distances tie."""
+    torch.manual_seed(0)
+    net = HashNet("tiny_cnn", 16, 5, width=4).eval()
+    with torch.no_grad():
+        net.hash.bias.fill_(4.0)  # pre-activations around 4: tanh(4) = 0.99933 in float32, 1.0 in bf16
+        net.hash.weight.mul_(0.01)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        z, logits = net(x)
+    assert z.dtype == torch.float32 and logits.dtype == torch.float32
+    assert (z < 1.0).all() and torch.allclose(z, torch.tanh(torch.full_like(z, 4.0)), atol=1e-3)
+    assert torch.tanh(torch.tensor(4.0, dtype=torch.bfloat16)).item() == 1.0  # what bf16 would have given
+    z.sum().backward()
+    assert net.hash.bias.grad.abs().min() > 0  # every unit still gets a gradient

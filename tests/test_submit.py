@@ -3,13 +3,19 @@ pure helpers of rayhash.submit."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 import tarfile
+import threading
 import time
 
 import pytest
 
+from fixtures_cluster import CLUSTER_ROOT, LOCAL_SH
 from rayhash import submit as S
 
 
@@ -44,10 +50,13 @@ def test_job_env_forwards_rayhash_vars_but_not_secrets(monkeypatch):
     monkeypatch.setenv("RAYHASH_ADDRESS", "http://h:8265")
     monkeypatch.setenv("NLTK_DATA", "/nltk")
     monkeypatch.setenv("UNRELATED", "1")
+    monkeypatch.setenv("RAYHASH_LOCAL_TOKEN", "local-cluster-secret")  # cluster/local.sh's token: never forwarded
+    monkeypatch.setenv("RAYHASH_SOMETHING_NEW", "x")  # an allow-list: unknown RAYHASH_* variables stay here too
     env = S.job_env(["A=1", "B=x=y"])
     assert env["RAYHASH_STORAGE"] == "s3://bucket/x" and env["NLTK_DATA"] == "/nltk"
     assert env["A"] == "1" and env["B"] == "x=y"
-    assert not {"RAYHASH_TOKEN", "RAYHASH_ADDRESS", "UNRELATED"} & set(env)
+    assert not {"RAYHASH_TOKEN", "RAYHASH_ADDRESS", "UNRELATED", "RAYHASH_LOCAL_TOKEN", "RAYHASH_SOMETHING_NEW"} & set(env)
+    assert set(env) - {"A", "B"} <= set(S.PASSTHROUGH_ENV)
     assert S.job_env(["A=1"], forward=False) == {"A": "1"}
     with pytest.raises(ValueError, match="KEY=VALUE"):
         S.job_env(["novalue"])
@@ -155,3 +164,86 @@ def test_submit_without_or_with_a_wrong_token_is_refused_clearly(cluster_local_t
     assert "Traceback" not in r.stderr and not (tmp_path / "ds").exists()
     with pytest.raises(S.SubmitAuthError, match="token was rejected"):
         S.connect(c.address, token="not-the-token")
+
+
+@pytest.mark.slow
+def test_token_never_in_an_argv_a_log_or_a_jobs_environment(cluster_local_token, tmp_path):
+    """Every process started by `rayhash submit` and by `cluster/local.sh status` (its HTTP calls with the token) is
+    traced (strace: every execve's argv); `ps` is sampled while the job runs; every file the cluster wrote (Ray's
+    logs, the script's logs) and the job's runtime_env as the Jobs API shows it are searched for the token."""
+    if not shutil.which("strace"):
+        pytest.skip("strace is not installed: cannot trace the argv of every process")
+    c, token = cluster_local_token, cluster_local_token.token
+    seen, stop = [], threading.Event()
+
+    def sample_ps():
+        while not stop.is_set():
+            seen.append(subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout)
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample_ps)
+    sampler.start()
+    trace = tmp_path / "execve.log"
+    try:
+        env = {**c.env, "RAYHASH_ADDRESS": c.address, "RAYHASH_TOKEN_FILE": str(c.token_file)}
+        run = subprocess.run(["strace", "-f", "-qq", "-e", "trace=execve", "-s", "4096", "-o", str(trace),
+                              sys.executable, "-m", "rayhash.cli", "submit", "convert", "synthetic",
+                              "--out", str(tmp_path / "ds"), "--per-class", "2", "1"],
+                             env=env, capture_output=True, text=True, timeout=300, cwd=CLUSTER_ROOT)
+        status = subprocess.run(["strace", "-f", "-qq", "-e", "trace=execve", "-s", "4096", "-o",
+                                 str(tmp_path / "status.log"), "bash", str(LOCAL_SH), "status"],
+                                env=c.env, capture_output=True, text=True, timeout=300)
+    finally:
+        stop.set()
+        sampler.join()
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert status.returncode == 0 and "node(s) alive" in status.stdout, status.stderr
+    execs = trace.read_text() + (tmp_path / "status.log").read_text()
+    assert "execve(" in execs and "curl" in execs  # the traces saw the processes, curl with its auth header
+    assert token not in execs
+    assert len(seen) >= 3 and not any(token in ps for ps in seen)
+    assert token not in run.stdout + run.stderr
+    leaked = [str(p) for p in c.dir.rglob("*") if p.is_file() and not p.is_symlink() and p.name != "auth_token"
+              and p.stat().st_size < 64 << 20 and token.encode() in p.read_bytes()]
+    assert not leaked, leaked
+    client = S.connect(c.address, token_file=c.token_file)
+    jobs = client.list_jobs()
+    assert jobs and not any(token in json.dumps(j.runtime_env or {}) + json.dumps(j.metadata or {}) for j in jobs)
+
+
+def test_token_file_must_be_private_and_may_be_a_pipe_or_stdin(tmp_path, monkeypatch):
+    for var in ("RAYHASH_TOKEN", "RAY_AUTH_TOKEN", "RAYHASH_TOKEN_FILE", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    f = tmp_path / "token"
+    f.write_text("s3cret\n")
+    f.chmod(0o644)
+    with pytest.raises(PermissionError, match=r"readable by other users \(mode 644\).*chmod 600"):
+        S.resolve_token(token_file=str(f))
+    f.chmod(0o600)
+    assert S.resolve_token(token_file=str(f)) == "s3cret"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # what `--token-file <(...)` hands over
+    writer = threading.Thread(target=lambda: fifo.write_text("from-a-pipe\n"))
+    writer.start()
+    assert S.resolve_token(token_file=str(fifo)) == "from-a-pipe"
+    writer.join()
+    r, w = os.pipe()
+    os.write(w, b"from-stdin\n")
+    os.close(w)
+    monkeypatch.setattr(sys, "stdin", os.fdopen(r))
+    assert S.resolve_token(token_file="-") == "from-stdin"
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    empty.chmod(0o600)
+    with pytest.raises(ValueError, match="empty"):
+        S.resolve_token(token_file=str(empty))
+
+
+def test_token_on_the_command_line_is_refused(capsys):
+    from rayhash.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["submit", "--token", "s3cret", "convert", "synthetic", "--out", "x"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--token would show the token" in err and "--token-file -" in err and "s3cret" not in err

@@ -65,7 +65,7 @@ def test_resume_continues_and_killed_worker_restarts_from_last_checkpoint(
     first = train(train_tiny_config(data_synthetic_small, "train.epochs=1", *tiny), str(run))  # 480 // 40 = 12 steps
     assert [h["step"] for h in first.metrics] == [12]
     saved_model = torch.load(run / "final" / "model.pt", weights_only=True)
-    saved_state = torch.load(run / "final" / "train_state.pt", weights_only=False)
+    saved_state = torch.load(run / "final" / "train_state.pt", weights_only=True)  # tensors and plain values only
     expect_params = sum(float(v.double().sum()) for k, v in saved_model.items() if "running" not in k
                         and "num_batches" not in k)
     expect_moments = sum(float(v.double().sum()) for st in saved_state["optimizer"]["state"].values()
@@ -73,6 +73,8 @@ def test_resume_continues_and_killed_worker_restarts_from_last_checkpoint(
 
     with pytest.raises(FileExistsError, match="--resume"):
         train(train_tiny_config(data_synthetic_small, "train.epochs=3", *tiny), str(run))
+    with pytest.raises(ValueError, match=r"model\.bits: checkpoint 16, now 32.*train into a new --out"):
+        train(train_tiny_config(data_synthetic_small, "train.epochs=2", "model.bits=32", *tiny), str(run), resume=True)
     # resume to 2 epochs; worker rank 1 dies at step 17 (inside epoch 1, after the epoch-0 checkpoint)
     monkeypatch.setenv("RAYHASH_FAULT_INJECT", f"rank=1,step=17,marker={marker}")
     second = train(train_tiny_config(data_synthetic_small, "train.epochs=2", "train.max_failures=1", *tiny),

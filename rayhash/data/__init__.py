@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from rayhash.data.captions import convert_captions, embed_captions
 from rayhash.data.cifar import convert_cifar100
+from rayhash.data.convert import CONVERTERS, convert
 from rayhash.data.imagefolder import convert_imagefolder
 from rayhash.data.images import IMAGE_MEAN, IMAGE_STD, decode_image, eval_transform, train_transform
 from rayhash.data.info import DatasetInfo, load_dataset_info
@@ -15,7 +16,7 @@ from rayhash.data.stream import read_shards, shard_urls, skip_counts
 from rayhash.data.synthetic import convert_synthetic
 
 __all__ = [
-    "convert_cifar100", "convert_imagefolder", "convert_captions", "convert_synthetic", "embed_captions",
+    "CONVERTERS", "convert", "convert_cifar100", "convert_imagefolder", "convert_captions", "convert_synthetic", "embed_captions",
     "DatasetInfo", "load_dataset_info", "read_shards", "collate_torch", "shard_urls", "skip_counts",
     "decode_image", "eval_transform", "train_transform", "IMAGE_MEAN", "IMAGE_STD",
 ]

@@ -16,8 +16,10 @@ import tarfile
 import numpy as np
 
 from rayhash import storage
+from rayhash.data.convert import CONVERTERS
 from rayhash.data.images import IMAGE_EXTENSIONS
-from rayhash.data.shards import safe_key, sample_members, write_dataset_json, write_split
+from rayhash.data.shards import safe_key, sample_members, unique_keys, write_dataset_json, write_split
+from rayhash.layout import Folder
 from rayhash.runtime import get_logger, init_ray
 
 log = get_logger("data.captions")
@@ -94,6 +96,10 @@ def _caption_source(src: str) -> tuple[str, str]:
     raise FileNotFoundError(f"{src}: no captions.txt/.csv/.tsv (image,caption) and no img2dataset *.tar shards")
 
 
+@CONVERTERS.register("captions", help="image-caption pairs: image,caption CSV/TSV (+ images/), or an img2dataset "
+                                         "*.tar folder",
+                      source="the captions file or its folder, or a folder of img2dataset tars", limit="limit",
+                      config="conceptual_captions", demo_config="demo")
 def convert_captions(src: str | os.PathLike, out: str, *, images: str | None = None, val_fraction: float = 0.1,
                      shard_size: int = 1000, seed: int = 0, limit: int | None = None,
                      name: str | None = None) -> dict:
@@ -125,12 +131,13 @@ def convert_captions(src: str | os.PathLike, out: str, *, images: str | None = N
     if not present:
         raise FileNotFoundError(f"{image_dir}: none of the images listed in {caption_file} exist; pass --images DIR")
     by_split: dict[str, list[dict]] = {"train": [], "val": []}
+    keys = dict(zip(present, unique_keys([os.path.splitext(n)[0] for n in present], present)))
     for n in present:
         if n.rsplit(".", 1)[-1].lower() not in IMAGE_EXTENSIONS:
             raise ValueError(f"{caption_file}: {n!r} is not an image file name")
         doc = {"captions": captions[n], "caption": captions[n][0], "source": n}
         split = "val" if _in_val(n, val_fraction, seed) else "train"
-        by_split[split].append({"key": safe_key(os.path.splitext(n)[0]), "path": os.path.join(image_dir, n),
+        by_split[split].append({"key": keys[n], "path": os.path.join(image_dir, n),
                                 "json": doc})
     splits = {s: write_split(out, s, recs, _file_sample, shard_size) for s, recs in by_split.items() if recs}
     extra = {"missing_images": len(names) - len(present), "val_fraction": val_fraction, "seed": seed,
@@ -156,11 +163,10 @@ class CaptionEmbedder:
     """Ray Data actor: mean of an image's caption embeddings, L2-normalised (GPU when the actor has one)."""
 
     def __init__(self, model=None, batch_size: int = 128):
-        import torch
-
+        from rayhash.runtime import torch_device
         from rayhash.semantics import load_sentence_model
 
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch_device().type
         self.model = load_sentence_model(model, device=self.device)
         self.batch_size = batch_size
 
@@ -189,18 +195,25 @@ def embed_captions(ds_dir: str, out_parquet: str | None = None, model=None, *, b
     GPU actors (one GPU each) when the cluster has GPUs, else CPU actors. ``out_parquet`` (default
     ``DS/caption_embeddings.parquet``) is a Parquet folder (local or object store), complete once its ``_SUCCESS``
     file is written, last. A complete one is kept unless ``overwrite``; an interrupted one (no ``_SUCCESS``) is
-    written again. Images without any caption are skipped and logged.
+    written again. Images without any caption are skipped and logged. The writer lease of the folder holding the
+    output is held while writing: a second embed-captions into it is refused.
     """
-    import ray
-
     from rayhash.data.info import load_dataset_info
-    from rayhash.runtime import cluster_has_gpus
 
     info = load_dataset_info(ds_dir)
-    out = str(out_parquet or storage.join(info.root, "caption_embeddings.parquet"))
+    out = storage.absolute(out_parquet or info.dir.captions)
     if embeddings_complete(out) and not overwrite:
         log.info("%s exists; keeping it (overwrite=True to redo)", out)
         return out
+    with Folder(out.rsplit("/", 1)[0]).lease("embed-captions"):  # the folder that holds the output
+        return _embed(info, out, model, batch_size, concurrency)
+
+
+def _embed(info, out: str, model, batch_size: int, concurrency: int | None) -> str:
+    import ray
+
+    from rayhash.runtime import cluster_has_gpus
+
     _remove_own_output(out)
     init_ray()
     urls = [u for split in info.splits for u in info.shard_paths(split)]

@@ -8,6 +8,7 @@ import tarfile
 
 import numpy as np
 
+from rayhash.data.convert import CONVERTERS
 from rayhash.data.shards import sample_members, write_dataset_json, write_split
 from rayhash.runtime import get_logger
 
@@ -23,6 +24,26 @@ def _png(record: dict) -> dict[str, bytes]:
     return {"png": buf.getvalue(), **sample_members(record)}
 
 
+# What the official CIFAR pickles hold: dicts, lists, strings, bytes and numpy arrays. Nothing else is unpickled.
+_ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refers to {module}.{name}, which a CIFAR archive never holds")
+
+
+def _safe_load(f, where: str):
+    """Unpickle a CIFAR file admitting only numpy arrays and plain containers: a crafted archive runs no code."""
+    try:
+        return _Unpickler(f, encoding="latin1").load()
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{where}: not loaded — it {e}; use the official cifar-100-python archive") from None
+
+
 def _read_pickles(src: str, names: list[str]) -> dict[str, dict]:
     """Load ``meta`` and the split pickles from the .tar.gz (without extracting) or a folder."""
     out = {}
@@ -33,7 +54,7 @@ def _read_pickles(src: str, names: list[str]) -> dict[str, dict]:
                 if name not in members:
                     raise ValueError(f"{src}: no '{name}' pickle inside; expected the official "
                                      "'cifar-100-python' archive (cifar-100-python/{train,test,meta})")
-                out[name] = pickle.load(tar.extractfile(members[name]), encoding="latin1")
+                out[name] = _safe_load(tar.extractfile(members[name]), f"{src}:{members[name].name}")
         return out
     folder = src if os.path.isfile(os.path.join(src, "meta")) else os.path.join(src, "cifar-100-python")
     for name in ["meta", *names]:
@@ -42,7 +63,7 @@ def _read_pickles(src: str, names: list[str]) -> dict[str, dict]:
             raise FileNotFoundError(f"{path}: missing; pass the cifar-100-python folder or its .tar.gz "
                                     "(or use download=True / --download when online)")
         with open(path, "rb") as f:
-            out[name] = pickle.load(f, encoding="latin1")
+            out[name] = _safe_load(f, path)
     return out
 
 
@@ -53,6 +74,9 @@ def _download(root: str) -> str:
     return os.path.join(root, "cifar-100-python")
 
 
+@CONVERTERS.register("cifar100", help="CIFAR-100 (official python layout; --download fetches it when online)",
+                      source="cifar-100-python.tar.gz or its extracted folder", limit="limit_per_class",
+                      config="cifar100", demo_config="cifar100-cpu")
 def convert_cifar100(src: str | os.PathLike | None, out: str, shard_size: int = 5000,
                      limit_per_class: int | dict[str, int] | None = None, splits: tuple[str, ...] | list[str] = ("train", "test"),
                      download: bool = False) -> dict:

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 
-KINDS = ("cifar100", "imagefolder", "captions", "synthetic")
+from rayhash.cliargs import fraction, positive_int
 
 
 def register(subparsers) -> None:
+    from rayhash.data import CONVERTERS  # importing rayhash.data registers every converter
+
     p = subparsers.add_parser("data", help="prepare datasets: WordNet, shard conversion, caption embeddings",
                               description="Prepare data: WebDataset shards + dataset.json, caption targets.")
     sub = p.add_subparsers(dest="data_command", metavar="<data command>")
@@ -19,25 +21,22 @@ def register(subparsers) -> None:
     c = sub.add_parser("convert", formatter_class=argparse.RawDescriptionHelpFormatter,
                        help="convert a dataset to WebDataset shards + dataset.json",
                        description="Write DS/<split>/<split>-%06d.tar + DS/dataset.json, in parallel with Ray tasks; "
-                                   "re-running skips finished shards.\n\n"
-                                   "  cifar100 SRC     cifar-100-python.tar.gz or folder (--download when online)\n"
-                                   "  imagefolder SRC  root/train/<wnid>/*.JPEG, root/val (class folders or flat +\n"
-                                   "                   LOC_val_solution.csv / val_annotations.txt)\n"
-                                   "  captions SRC     image,caption CSV/TSV (+ images/), or img2dataset *.tar folder\n"
-                                   "  synthetic        generated 2-level hierarchy images (no SRC)")
-    c.add_argument("kind", choices=KINDS)
+                                   "re-running skips finished shards.\n\nKINDS:\n" + CONVERTERS.describe())
+    c.add_argument("kind", choices=CONVERTERS.names(), metavar="KIND", help="one of: " + ", ".join(CONVERTERS.names()))
     c.add_argument("src", nargs="?", default=None, help="source archive/folder/file (not for synthetic)")
     c.add_argument("--out", required=True, help="output dataset folder DS (local path or s3://, gs:// URI)")
-    c.add_argument("--shard-size", type=int, default=None, help="samples per shard (default per kind)")
-    c.add_argument("--limit-per-class", type=int, default=None, help="keep N images per class (tests, demos)")
-    c.add_argument("--download", action="store_true", help="cifar100: download through torchvision if SRC is missing")
+    c.add_argument("--shard-size", type=positive_int, default=None, help="samples per shard (default per kind)")
+    c.add_argument("--limit-per-class", type=positive_int, default=None, help="keep N images per class (tests, demos)")
+    c.add_argument("--download", action="store_true", default=None,
+                   help="cifar100: download through torchvision if SRC is missing")
     c.add_argument("--class-index", default=None, help="imagefolder: imagenet_class_index.json (order + names)")
     c.add_argument("--val-labels", default=None, help="imagefolder: label file of a flat val folder")
     c.add_argument("--images", default=None, help="captions: images folder (default: SRC/images)")
-    c.add_argument("--val-fraction", type=float, default=0.1, help="captions: fraction of images in split val")
-    c.add_argument("--per-class", type=int, nargs=2, default=(30, 10), metavar=("TRAIN", "TEST"),
+    c.add_argument("--val-fraction", type=fraction, default=None,
+                   help="captions: fraction of images in split val (default 0.1)")
+    c.add_argument("--per-class", type=positive_int, nargs=2, default=None, metavar=("TRAIN", "TEST"),
                    help="synthetic: images per class in train and test (default 30 10)")
-    c.add_argument("--image-size", type=int, default=32, help="synthetic: image size (default 32)")
+    c.add_argument("--image-size", type=positive_int, default=None, help="synthetic: image size (default 32)")
     c.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
     c.set_defaults(func=_convert)
 
@@ -45,8 +44,8 @@ def register(subparsers) -> None:
     e.add_argument("ds", help="dataset folder DS (made by `rayhash data convert captions`)")
     e.add_argument("--out", default=None, help="Parquet output (default DS/caption_embeddings.parquet)")
     e.add_argument("--model", default=None, help="sentence-transformers model (default all-MiniLM-L6-v2, offline)")
-    e.add_argument("--batch-size", type=int, default=256)
-    e.add_argument("--concurrency", type=int, default=None, help="embedding actors (default: #GPUs, else 1)")
+    e.add_argument("--batch-size", type=positive_int, default=256)
+    e.add_argument("--concurrency", type=positive_int, default=None, help="embedding actors (default: #GPUs, else 1)")
     e.add_argument("--overwrite", action="store_true", help="redo an existing output")
     e.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
     e.set_defaults(func=_embed)
@@ -63,25 +62,12 @@ def _convert(args) -> int:
     from rayhash import data
     from rayhash.runtime import init_ray
 
-    import os
-
-    if args.kind != "synthetic" and not args.src:
-        raise ValueError(f"`rayhash data convert {args.kind}` needs SRC (the source archive or folder)")
-    if args.src and not os.path.exists(args.src) and not args.download:
-        raise FileNotFoundError(f"{args.src}: not found (cifar100 can fetch it with --download when online)")
     init_ray(args.address)
-    size = {"shard_size": args.shard_size} if args.shard_size else {}
-    if args.kind == "cifar100":
-        doc = data.convert_cifar100(args.src, args.out, limit_per_class=args.limit_per_class,
-                                    download=args.download, **size)
-    elif args.kind == "imagefolder":
-        doc = data.convert_imagefolder(args.src, args.out, class_index=args.class_index, val_labels=args.val_labels,
-                                       limit_per_class=args.limit_per_class, **size)
-    elif args.kind == "captions":
-        doc = data.convert_captions(args.src, args.out, images=args.images, val_fraction=args.val_fraction, **size)
-    else:
-        doc = data.convert_synthetic(args.out, image_size=args.image_size,
-                                     per_class={"train": args.per_class[0], "test": args.per_class[1]}, **size)
+    per_class = {"train": args.per_class[0], "test": args.per_class[1]} if args.per_class else None
+    doc = data.convert(args.kind, args.src, args.out, shard_size=args.shard_size,
+                       limit_per_class=args.limit_per_class, download=args.download, class_index=args.class_index,
+                       val_labels=args.val_labels, images=args.images, val_fraction=args.val_fraction,
+                       per_class=per_class, image_size=args.image_size)
     for split, entry in doc["splits"].items():
         print(f"{split}: {entry['count']} samples in {len(entry['shards'])} shards")
     return 0

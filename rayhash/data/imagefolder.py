@@ -12,8 +12,9 @@ import json
 import os
 import re
 
+from rayhash.data.convert import CONVERTERS
 from rayhash.data.images import IMAGE_EXTENSIONS
-from rayhash.data.shards import safe_key, sample_members, write_dataset_json, write_split
+from rayhash.data.shards import safe_key, sample_members, unique_keys, write_dataset_json, write_split
 from rayhash.runtime import get_logger
 
 log = get_logger("data.imagefolder")
@@ -122,13 +123,19 @@ def _split_records(root: str, split: str, folder: str, classes: list[str], val_l
             seen[c] = seen.get(c, 0) + 1
             if limit_per_class is None or seen[c] <= limit_per_class:
                 items.append((os.path.join(img_dir, n), c))
-    keys = [safe_key(os.path.splitext(os.path.basename(p))[0]) for p, _ in items]
-    if len(set(keys)) < len(keys):  # same file names in different class folders
-        keys = [safe_key(os.path.splitext(os.path.relpath(p, folder))[0]) for p, _ in items]
+    sources = [os.path.relpath(p, folder) for p, _ in items]
+    stems = [os.path.splitext(os.path.basename(p))[0] for p, _ in items]
+    if len(set(map(safe_key, stems))) < len(stems):  # same file names in different class folders
+        stems = [os.path.splitext(src)[0] for src in sources]
+    keys = unique_keys(stems, sources)
     return [{"key": k, "cls": index[c], "path": p, "json": {"wnid": c, "source": os.path.relpath(p, root)}}
             for k, (p, c) in zip(keys, items)]
 
 
+@CONVERTERS.register("imagefolder", help="ImageNet-style tree: root/train/<wnid>/*.JPEG + root/val (class folders "
+                                            "or flat + LOC_val_solution.csv / val_annotations.txt)",
+                      source="the tree's root folder", limit="limit_per_class",
+                      config="imagenet", demo_config="demo")
 def convert_imagefolder(root: str | os.PathLike, out: str, *, shard_size: int = 1000,
                         class_index: str | None = None, val_labels: str | None = None,
                         limit_per_class: int | None = None, name: str | None = None) -> dict:

@@ -6,42 +6,85 @@ reused workers); ``eval_transform`` / ``train_transform`` wrap them for single i
 from __future__ import annotations
 
 import io
+import os
+import warnings
 from typing import Callable
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "gif", "tif", "tiff")
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Decode JPEG/PNG/WebP/... bytes (grayscale, CMYK, palette, alpha alike) into an RGB PIL image.
+MAX_PIXELS_ENV = "RAYHASH_MAX_IMAGE_PIXELS"
+MAX_PIXELS = 64_000_000  # larger images are refused before decoding (decompression bombs); env overrides
 
-    Raises ``ValueError`` for undecodable or truncated data (the whole image is decoded here, not lazily).
+
+def max_pixels() -> int:
+    return int(os.environ.get(MAX_PIXELS_ENV, MAX_PIXELS))
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode JPEG/PNG/WebP/... bytes (grayscale, CMYK, palette, alpha, 16-bit and float alike) into an RGB PIL
+    image, turned upright by its EXIF orientation.
+
+    Raises ``ValueError`` for undecodable or truncated data (the whole image is decoded here, not lazily) and for
+    images over :func:`max_pixels` (``$RAYHASH_MAX_IMAGE_PIXELS``, default 64 megapixels), which are refused from
+    their header, before any pixel is decoded: a 100-KB PNG can claim 100 megapixels.
     """
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if w * h > max_pixels():
+            raise ValueError(f"image of {w}x{h} = {w * h / 1e6:.0f} megapixels is over the limit of "
+                             f"{max_pixels() / 1e6:.0f} (raise ${MAX_PIXELS_ENV} to accept it)")
         img.load()
-    except Exception as e:  # PIL raises OSError, SyntaxError, struct.error... for broken files
+        img = ImageOps.exif_transpose(img)
+    except ValueError:
+        raise
+    except Exception as e:  # PIL raises OSError, SyntaxError, struct.error, DecompressionBomb*... for bad files
         raise ValueError(f"undecodable image ({type(e).__name__}: {e})") from e
     if img.mode == "RGB":
         return img
+    if img.mode.startswith("I") or img.mode == "F":
+        return Image.fromarray(_to_uint8(np.asarray(img), img.mode)).convert("RGB")
     if img.mode in ("P", "PA", "LA", "RGBA") or "transparency" in img.info:
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, img).convert("RGB")
-    return img.convert("RGB")  # L, I, F, CMYK, YCbCr, 1
+    return img.convert("RGB")  # L, CMYK, YCbCr, 1
+
+
+def _to_uint8(x: np.ndarray, mode: str) -> np.ndarray:
+    """Scale, not clip: 16-bit (I;16*, or I holding values past 255) by 255/65535; float (F) in [0, 1] by 255."""
+    x = x.astype(np.float64)
+    if mode == "F":
+        finite = x[np.isfinite(x)]
+        if finite.size and finite.max() <= 1.0:
+            x = x * 255.0
+    elif mode.startswith("I;16") or (x.size and x.max() > 255):
+        x = x * (255.0 / 65535.0)
+    return np.clip(np.rint(np.nan_to_num(x)), 0, 255).astype(np.uint8)
 
 
 def _resize_short(img: Image.Image, size: int) -> Image.Image:
     """Resize so the short side is ``size`` (long side truncated, as torchvision's ``Resize(int)``)."""
     w, h = img.size
+    if max(w, h) > _MAX_ASPECT * min(w, h):  # a 1x20000 strip: keep the central part the crop can use
+        box = ((0, (h - _MAX_ASPECT * w) // 2, w, (h + _MAX_ASPECT * w) // 2) if w <= h else
+               ((w - _MAX_ASPECT * h) // 2, 0, (w + _MAX_ASPECT * h) // 2, h))
+        img, (w, h) = img.crop(box), (box[2] - box[0], box[3] - box[1])
     if min(w, h) == size:
         return img
     nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
     return img.resize((nw, nh), Image.BILINEAR)
+
+
+_MAX_ASPECT = 4  # beyond this, resizing the short side to S would make a huge image that the crop mostly drops
 
 
 def _center_crop(img: Image.Image, size: int) -> Image.Image:

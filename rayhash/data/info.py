@@ -8,7 +8,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from rayhash import storage
-from rayhash.data.shards import DATASET_JSON
+from rayhash.data.shards import FORMAT
+from rayhash.layout import DatasetDir
+
+INFO = DatasetDir.INFO
 
 RESOURCES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "resources")
 CIFAR100_HIERARCHY = os.path.join(RESOURCES, "cifar100.parent-child.txt")
@@ -29,14 +32,18 @@ class DatasetInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def dir(self) -> DatasetDir:
+        return DatasetDir(self.root)
+
+    @property
     def num_classes(self) -> int:
         return len(self.label_names)
 
     def shard_paths(self, split: str) -> list[str]:
         """Full paths/URIs of a split's shards, in order."""
         if split not in self.splits:
-            raise ValueError(f"{self.root}: no split {split!r} in {DATASET_JSON} (have: {sorted(self.splits)})")
-        return [storage.join(self.root, s["file"]) for s in self.splits[split]["shards"]]
+            raise ValueError(f"{self.dir.info}: no split {split!r} (have: {sorted(self.splits)})")
+        return [self.dir.member(s["file"], INFO) for s in self.splits[split]["shards"]]
 
     def count(self, split: str, classes: Sequence[int] | None = None) -> int:
         """Samples in ``split``; with ``classes``, only those with one of these labels."""
@@ -44,7 +51,7 @@ class DatasetInfo:
         if classes is None:
             return int(entry["count"])
         if "label_counts" not in entry:
-            raise ValueError(f"{self.root}/{DATASET_JSON}: split {split!r} has no label_counts; re-run "
+            raise ValueError(f"{self.dir.info}: split {split!r} has no label_counts; re-run "
                              "`rayhash data convert` (finished shards are kept) to record them")
         return sum(int(entry["label_counts"].get(str(c), 0)) for c in classes)
 
@@ -58,9 +65,9 @@ class DatasetInfo:
             return ClassHierarchy.from_parent_child_file(CIFAR100_HIERARCHY)
         if self.hierarchy == "wordnet":
             if not self.wnids:
-                raise ValueError(f"{self.root}/{DATASET_JSON}: hierarchy 'wordnet' needs 'wnids'")
+                raise ValueError(f"{self.dir.info}: hierarchy 'wordnet' needs 'wnids'")
             return ClassHierarchy.from_wordnet(self.wnids)
-        return ClassHierarchy.from_parent_child_file(storage.join(self.root, self.hierarchy))
+        return ClassHierarchy.from_parent_child_file(self.dir.member(self.hierarchy, f"{INFO} field 'hierarchy'"))
 
     def hierarchy_leaves(self) -> list:
         """Leaf ids in label order, as the hierarchy names them."""
@@ -84,18 +91,28 @@ def load_dataset_info(ds_dir: str | os.PathLike) -> DatasetInfo:
     ds_dir = str(ds_dir).rstrip("/")
     if ds_dir.endswith(".json"):
         ds_dir = ds_dir.rsplit("/", 1)[0] if "/" in ds_dir else "."
-    path = storage.join(ds_dir, DATASET_JSON)
+    path = DatasetDir(ds_dir).info
     if not storage.exists(path):
         parent = ds_dir.rsplit("/", 1)[0] if "/" in ds_dir else ""
-        if parent and storage.exists(storage.join(parent, DATASET_JSON)):
-            ds_dir, path = parent, storage.join(parent, DATASET_JSON)
+        if parent and storage.exists(DatasetDir(parent).info):
+            ds_dir, path = parent, DatasetDir(parent).info
         else:
             raise FileNotFoundError(f"{path}: no dataset description; create the dataset with "
                                     "`rayhash data convert ... --out DS`")
     doc = storage.read_json(path)
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: not a JSON object; re-run `rayhash data convert`")
+    if doc.get("format", FORMAT) != FORMAT:
+        raise ValueError(f"{path}: field 'format' is {doc['format']!r}, this rayhash reads {FORMAT!r}; convert the "
+                         "data again with this version (`rayhash data convert`), or use the rayhash that wrote it")
     missing = [k for k in ("name", "kind", "splits") if k not in doc]
     if missing:
         raise ValueError(f"{path}: missing field(s) {missing}; re-run `rayhash data convert`")
+    for split, entry in doc["splits"].items():
+        shards = entry.get("shards") if isinstance(entry, dict) else None
+        if not isinstance(shards, list) or any(not isinstance(s, dict) or {"file", "count"} - s.keys() for s in shards):
+            raise ValueError(f"{path}: split {split!r} needs a list 'shards' of {{file, count, sha256}}; the file is "
+                             "corrupt — re-run `rayhash data convert`")
     known = {"name", "kind", "label_names", "wnids", "hierarchy", "splits", "format"}
     return DatasetInfo(name=doc["name"], kind=doc["kind"], label_names=list(doc.get("label_names") or []),
                        wnids=doc.get("wnids"), hierarchy=doc.get("hierarchy"), splits=doc["splits"],

@@ -1,27 +1,27 @@
 """Writing WebDataset shards (parallel Ray tasks, atomic, resumable, byte-deterministic) and ``dataset.json``.
 
-Layout: ``DS/<split>/<split>-%06d.tar`` + ``DS/dataset.json``; finished shards leave a done-marker
-``DS/_progress/<split>-%06d.json`` (count, sha256, fingerprint of the shard's samples), so a re-run skips them.
+Layout (file names in :class:`rayhash.layout.DatasetDir`): ``DS/<split>/<split>-%06d.tar`` + ``DS/dataset.json``;
+finished shards leave a done-marker ``DS/_progress/<split>-%06d.json`` (count, sha256, fingerprint of the shard's samples), so a re-run skips them.
 A sample is a *record* (``key``, ``cls``, ``json`` + a payload) turned into tar members by a ``make`` function
 inside the task, where the CPU work (PNG encoding, file reading, image synthesis) happens.
 """
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
 import io
 import json
 import re
 import tarfile
+from collections import Counter
 from typing import Any, Callable, Sequence
 
 from rayhash import storage
+from rayhash.layout import DatasetDir
 from rayhash.runtime import get_logger, init_ray, progress
 
 log = get_logger("data")
 
 FORMAT = "rayhash-webdataset/1"
-DATASET_JSON = "dataset.json"
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_\-]")
 
 
@@ -30,8 +30,19 @@ def safe_key(text: str) -> str:
     return _KEY_BAD.sub("_", text)
 
 
-def shard_name(split: str, index: int) -> str:
-    return f"{split}/{split}-{index:06d}.tar"
+def unique_keys(stems: Sequence[str], sources: Sequence[str]) -> list[str]:
+    """``safe_key`` of each stem; where two differ only in what ``safe_key`` replaces (``a b.jpg`` / ``a_b.jpg``,
+    ``猫.jpg`` / ``犬.jpg``) or share a stem (``a.jpg`` / ``a.png``), each of them gets a suffix from a hash of its
+    source name, so every sample keeps its own key (WebDataset and Ray Train require unique keys). Keys that did
+    not collide are unchanged; the result does not depend on the order of the inputs."""
+    keys = [safe_key(s) for s in stems]
+    counts = Counter(keys)
+    out = [f"{k}-{hashlib.sha1(src.encode()).hexdigest()[:10]}" if counts[k] > 1 else k
+           for k, src in zip(keys, sources)]
+    if len(set(out)) < len(out):
+        dup = next(k for k, n in Counter(out).items() if n > 1)
+        raise ValueError(f"two source files give the sample key {dup!r}; rename one of them")
+    return out
 
 
 def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -63,7 +74,7 @@ def fingerprint(records: Sequence[dict], make: Callable, options: dict | None = 
 
 def write_shard(out: str, split: str, index: int, records: Sequence[dict], make: Callable, fp: str) -> dict:
     """Write one shard atomically (temporary name, rename) and then its done-marker; return its entry."""
-    rel = shard_name(split, index)
+    rel = DatasetDir.shard_name(split, index)
     count, labels = 0, Counter()
     with storage.atomic_output(storage.join(out, rel)) as tmp:
         with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
@@ -77,7 +88,7 @@ def write_shard(out: str, split: str, index: int, records: Sequence[dict], make:
                         labels[int(members["cls"])] += 1
         entry = {"file": rel, "count": count, "sha256": storage.sha256_file(tmp), "fingerprint": fp,
                  "label_counts": {str(k): v for k, v in sorted(labels.items())}}
-    storage.write_json(storage.join(out, "_progress", f"{split}-{index:06d}.json"), entry)
+    storage.write_json(DatasetDir(out).progress(split, index), entry)
     return entry
 
 
@@ -86,7 +97,7 @@ def _finished(out: str, entry_path: str, fp: str) -> dict | None:
         entry = storage.read_json(entry_path)
     except (FileNotFoundError, ValueError):
         return None
-    if entry.get("fingerprint") == fp and storage.finished(storage.join(out, entry["file"])):
+    if entry.get("fingerprint") == fp and storage.finished(DatasetDir(out).member(entry["file"], entry_path)):
         return entry
     return None
 
@@ -109,7 +120,7 @@ def write_split(out: str, split: str, records: Sequence[dict], make: Callable, s
     pending = {}
     for i, chunk in enumerate(chunks):
         fp = fingerprint(chunk, make, options)
-        entries[i] = _finished(out, storage.join(out, "_progress", f"{split}-{i:06d}.json"), fp)
+        entries[i] = _finished(out, DatasetDir(out).progress(split, i), fp)
         if entries[i] is None:
             pending[task.remote(out, split, i, chunk, make, fp)] = i
     if len(pending) < len(chunks):
@@ -130,7 +141,7 @@ def write_split(out: str, split: str, records: Sequence[dict], make: Callable, s
 def _remove_stale(out: str, split: str, n: int) -> None:
     """Delete our own shards beyond the new shard count (left by an earlier run with other options) and the
     staging files of writers that were killed (every task of this run has finished when this runs)."""
-    folder = storage.join(out, split)
+    folder = DatasetDir(out).split(split)
     for path in storage.list_files(folder, ".tar"):
         m = re.fullmatch(rf"{re.escape(split)}-(\d{{6}})\.tar", path.rsplit("/", 1)[-1])
         if m and int(m.group(1)) >= n:
@@ -141,7 +152,7 @@ def _remove_stale(out: str, split: str, n: int) -> None:
 def write_dataset_json(out: str, info: dict[str, Any], splits: dict[str, dict]) -> dict:
     """Write ``DS/dataset.json`` last (atomically), after every shard is in place."""
     doc = {"format": FORMAT, **info, "splits": splits}  # no timestamp: re-runs give identical bytes
-    storage.write_json(storage.join(out, DATASET_JSON), doc)
-    log.info("wrote %s (%s)", storage.join(out, DATASET_JSON),
+    storage.write_json(DatasetDir(out).info, doc)
+    log.info("wrote %s (%s)", DatasetDir(out).info,
              ", ".join(f"{s}: {v['count']} samples in {len(v['shards'])} shards" for s, v in splits.items()))
     return doc

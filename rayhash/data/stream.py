@@ -148,7 +148,7 @@ def _decode_block(block, batch_size: int, shuffle_seed: int | None, **decode_kwa
 
 def _decode_batch(batch, mode: str, image_size: int | None, targets_ref, counter,
                   classes: frozenset | None = None, with_source: bool = False,
-                  shard_uris: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+                  shard_uris: dict[str, str] | None = None, num_classes: int = 0) -> dict[str, np.ndarray]:
     cols = set(batch.column_names)
     n = batch.num_rows
     keys = batch.column("__key__").to_pylist()
@@ -178,6 +178,11 @@ def _decode_batch(batch, mode: str, image_size: int | None, targets_ref, counter
         except ValueError:
             skipped.append((keys[i], urls[i], "bad cls label"))
             log.warning("skipping %s in %s: cls %r is not an integer", keys[i], urls[i], cls[i])
+            continue
+        if label < -1 or (num_classes and label >= num_classes):
+            skipped.append((keys[i], urls[i], "cls out of range"))
+            log.warning("skipping %s in %s: cls %d is outside 0..%d (dataset.json's label_names)", keys[i], urls[i],
+                        label, num_classes - 1)
             continue
         if classes is not None and label not in classes:
             continue  # filtered out on purpose (e.g. unseen classes of a zero-shot split), not skipped
@@ -233,7 +238,7 @@ def load_caption_embeddings(path: str) -> tuple[np.ndarray, np.ndarray]:
 def read_shards(source: str | Sequence[str], *, mode: str = "train", image_size: int | None = None,
                 shuffle: bool = False, seed: int = 0, caption_embeddings: str | None = None,
                 batch_size: int = 64, concurrency: int | None = None,
-                classes: Sequence[int] | None = None, with_source: bool = False):
+                classes: Sequence[int] | None = None, with_source: bool = False, num_classes: int = 0):
     """Stream WebDataset shards as a ``ray.data.Dataset`` with columns ``key`` (str), ``image``, ``label``
     (int64, -1 when unlabelled) and, with ``caption_embeddings`` (Parquet key -> embedding), ``target``.
 
@@ -246,8 +251,8 @@ def read_shards(source: str | Sequence[str], *, mode: str = "train", image_size:
     Works as a Ray Train dataset (``TorchTrainer(datasets={"train": ds})`` + ``get_dataset_shard``) and for
     ``map_batches`` inference. ``classes``: keep only samples with these labels (before decoding).
     ``with_source``: add a ``source`` column, the shard URL each row came from (as :func:`shard_urls` names it,
-    scheme included). Skipped samples: see
-    :func:`skip_counts`.
+    scheme included). ``num_classes`` > 0: a ``cls`` outside ``0..num_classes-1`` is skipped and counted (it would
+    index past the classifier). Skipped samples: see :func:`skip_counts`.
     """
     import ray
     from ray.data import FileShuffleConfig
@@ -272,7 +277,7 @@ def read_shards(source: str | Sequence[str], *, mode: str = "train", image_size:
                                      "mode": mode, "image_size": image_size, "targets_ref": targets_ref,
                                      "counter": counter,
                                      "classes": None if classes is None else frozenset(int(c) for c in classes),
-                                     "with_source": with_source,
+                                     "with_source": with_source, "num_classes": num_classes,
                                      "shard_uris": {storage.filesystem_path(u): u for u in urls}})
 
 

@@ -12,6 +12,7 @@ import io
 import numpy as np
 
 from rayhash import storage
+from rayhash.data.convert import CONVERTERS
 from rayhash.data.shards import sample_members, write_dataset_json, write_split
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "stripes")
@@ -64,6 +65,8 @@ def _make(record: dict) -> dict[str, bytes]:
     return {"png": buf.getvalue(), **sample_members(record)}
 
 
+@CONVERTERS.register("synthetic", help="generated images under a 2-level hierarchy (offline; no SRC)", source=None,
+                      limit=None, config="demo", demo_config="demo")
 def convert_synthetic(out: str, superclasses: int = 4, classes_per_superclass: int = 4, image_size: int = 32,
                       per_class: dict[str, int] | None = None, shard_size: int = 256, seed: int = 0) -> dict:
     """Generate the dataset into ``out`` (splits ``train``/``test``; ``per_class`` images per class and split,

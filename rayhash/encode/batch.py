@@ -6,7 +6,8 @@ input tars and writes ``codes-%05d.parquet`` for input tar number ``%05d`` atomi
 past it. Corrupt samples skipped in a tar = its sample count (``dataset.json``, else counted in the tar) minus the
 codes received. Each output records what it was made from: the weights' sha256 (not the checkpoint path, which a
 retrained run reuses) and its input tar's sha256. A re-run keeps an output only when both match and encodes the
-rest, so codes of two models are never mixed in one folder.
+rest, so codes of two models are never mixed in one folder. The folder's writer lease (:mod:`rayhash.lease`) is held
+throughout: a second encode into it is refused.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from rayhash import storage
-from rayhash.index.codes import CODES_PATTERN, CODES_SUMMARY, write_codes
+from rayhash.index.codes import write_codes
+from rayhash.layout import CodesDir
 from rayhash.runtime import get_logger
 
 log = get_logger("rayhash.encode")
@@ -116,17 +118,24 @@ def encode_dataset(checkpoint: str | os.PathLike, data: str | os.PathLike | Sequ
     Returns the ``codes.json`` summary (bits, checkpoint, per-shard counts, skipped corrupt samples) plus
     ``timing`` (seconds in all, seconds to the first encoded batch, rows encoded by this call).
     """
+    codes = CodesDir(storage.absolute(out))
+    with codes.lease("encode"):  # a second encode into the same folder is refused while this one runs
+        return _encode(storage.absolute(checkpoint), data, codes, batch_size, concurrency, num_gpus, address)
+
+
+def _encode(checkpoint: str, data, codes: CodesDir, batch_size: int, concurrency: int | None, num_gpus: float | None,
+            address: str | None) -> dict[str, Any]:
     import time
 
     from rayhash.data import read_shards, shard_urls
     from rayhash.model import load_checkpoint
     from rayhash.runtime import cluster_has_gpus, init_ray, require_cpu_headroom
 
-    out, checkpoint = storage.absolute(out), storage.absolute(checkpoint)
+    out = codes.path
     loaded = load_checkpoint(checkpoint)
     bits, image_size = loaded.bits, loaded.image_size
     urls = shard_urls(data if isinstance(data, (str, os.PathLike)) else list(data))
-    outputs = [storage.join(out, CODES_PATTERN % i) for i in range(len(urls))]
+    outputs = [codes.shard(i) for i in range(len(urls))]
     records = _shard_records(data, urls)
     present = [i for i, o in enumerate(outputs) if storage.finished(o)]
     skipped = {i: n for i in present if (n := _reusable(outputs[i], records[i][1], bits, loaded.digest)) is not None}
@@ -234,7 +243,7 @@ def _write_summary(out: str, outputs: list[str], urls: list[str], skipped: dict[
                "label_names": label_names, "count": sum(s["count"] for s in shards),
                "skipped_corrupt": sum(s["skipped"] for s in shards), "shards": shards,
                "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    path = storage.join(out, CODES_SUMMARY)
+    path = CodesDir(out).summary
     old = storage.read_json(path) if storage.exists(path) else None
     if old is not None and {**old, "created": None} == {**summary, "created": None}:
         return old  # a re-run that encoded nothing new: the summary stands as written

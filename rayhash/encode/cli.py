@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from rayhash.cliargs import nonnegative_float, positive_int
+
 HELP = """\
 Encode a dataset split with a trained checkpoint into packed binary codes (Ray Data batch inference, one encoder
 per actor; GPU actors when the cluster has GPUs). Writes CODES/codes-%05d.parquet (one per input shard: key, code,
@@ -16,10 +18,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="run folder (RUN or RUN/final) from `rayhash train`")
     p.add_argument("--data", required=True, help="dataset split folder DS/<split>, or .tar shard(s)", nargs="+")
     p.add_argument("--out", required=True, help="output folder for code shards (local path or s3:// gs:// URI)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per encoder call (default: 256)")
-    p.add_argument("--concurrency", type=int, help="encoder actors (default: one per GPU, else up to 4 CPU actors, leaving "
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images per encoder call (default: 256)")
+    p.add_argument("--concurrency", type=positive_int, help="encoder actors (default: one per GPU, else up to 4 CPU actors, leaving "
                    "one CPU for reading)")
-    p.add_argument("--num-gpus", type=float, help="GPUs per encoder actor (default: 1 if the cluster has GPUs)")
+    p.add_argument("--num-gpus", type=nonnegative_float, help="GPUs per encoder actor (default: 1 if the cluster has GPUs)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     p.set_defaults(func=_encode)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from rayhash.cliargs import nonnegative_int, positive_int
+
 
 def _run(args: argparse.Namespace) -> int:
     from rayhash.eval import evaluate
@@ -37,10 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--targets", default="auto", choices=["auto", "hierarchy", "captions"],
                    help="relevance: class hierarchy or caption-embedding similarity (auto: from dataset.json)")
     p.add_argument("--caption-embeddings", default=None, help="Parquet of caption embeddings (captions targets)")
-    p.add_argument("--k", type=int, default=250, help="mAHP cut-off (default: %(default)s)")
-    p.add_argument("--map-k", type=int, default=1000, help="mAP cut-off (default: %(default)s)")
-    p.add_argument("--radius", type=int, default=2, help="Hamming radius for precision (default: %(default)s)")
-    p.add_argument("--max-queries", type=int, default=None,
+    p.add_argument("--k", type=positive_int, default=250, help="mAHP cut-off (default: %(default)s)")
+    p.add_argument("--map-k", type=positive_int, default=1000, help="mAP cut-off (default: %(default)s)")
+    p.add_argument("--radius", type=nonnegative_int, default=2, help="Hamming radius for precision (default: %(default)s)")
+    p.add_argument("--max-queries", type=positive_int, default=None,
                    help="evaluate a seeded random subset of queries (reference protocol: the database too)")
     p.add_argument("--classes", default=None,
                    help="comma-separated labels the queries are restricted to (zero-shot: the unseen classes; "

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rayhash import storage
+from rayhash.layout import EvalDir
 from rayhash.runtime import get_logger
 
 log = get_logger("eval")
@@ -51,34 +52,36 @@ def evaluate(index: str | None, checkpoint: str | None, queries: str, out: str, 
     from rayhash.runtime import init_ray
 
     _check_protocol(protocol, index, checkpoint)
-    init_ray(address)
-    idx = ShardedIndex.open(index, mode=mode) if protocol == "database" else None
-    checkpoint = checkpoint or (idx.checkpoint if idx is not None else read_manifest(index).get("checkpoint"))
-    if not checkpoint:
-        raise ValueError(f"{index}: manifest names no checkpoint; pass --checkpoint RUN")
-    info = load_dataset_info(queries)
-    targets = ("captions" if info.kind == "captions" else "hierarchy") if targets == "auto" else targets
-    q = _query_codes(checkpoint, queries, out, max_queries, classes, seed)
-    if idx is None:  # reference protocol: the queries are the database
-        idx = ShardedIndex.from_codes(q, checkpoint)
-    if q.bits != idx.bits:
-        raise ValueError(f"checkpoint {checkpoint} gives {q.bits}-bit codes but index {index} holds {idx.bits}-bit")
-    log.info("evaluating %d queries against %d database codes (%s targets, %s protocol)", len(q), idx.ntotal,
-             targets, protocol)
-    with idx:
-        if targets == "hierarchy":
-            metrics, per_query = hierarchy_metrics(idx, q, info.similarity_matrix(), k, map_k, radius, seed)
-        elif targets == "captions":
-            emb = caption_embeddings or storage.join(info.root, "caption_embeddings.parquet")
-            metrics, per_query = caption_metrics(idx, q, emb, k)
-        else:
-            raise ValueError(f"--targets must be hierarchy, captions or auto, got {targets!r}")
-    metrics.update({"protocol": protocol, "n_queries": len(q), "n_database": idx.ntotal, "bits": idx.bits,
-                    "targets": targets, "index": str(index) if protocol == "database" else None,
-                    "checkpoint": str(checkpoint), "queries": str(queries)})
-    _write_outputs(out, metrics, q, per_query)
-    _plots(out, q, metrics.pop("_hp_curve"), metrics.pop("_hp_curve_random", None))
-    return metrics
+    out = EvalDir(storage.absolute(out))
+    with out.lease("eval"):  # a second evaluation into the same folder is refused while this one runs
+        init_ray(address)
+        idx = ShardedIndex.open(index, mode=mode) if protocol == "database" else None
+        checkpoint = checkpoint or (idx.checkpoint if idx is not None else read_manifest(index).get("checkpoint"))
+        if not checkpoint:
+            raise ValueError(f"{index}: manifest names no checkpoint; pass --checkpoint RUN")
+        info = load_dataset_info(queries)
+        targets = ("captions" if info.kind == "captions" else "hierarchy") if targets == "auto" else targets
+        q = _query_codes(checkpoint, queries, out, max_queries, classes, seed)
+        if idx is None:  # reference protocol: the queries are the database
+            idx = ShardedIndex.from_codes(q, checkpoint)
+        if q.bits != idx.bits:
+            raise ValueError(f"checkpoint {checkpoint} gives {q.bits}-bit codes but index {index} holds {idx.bits}-bit")
+        log.info("evaluating %d queries against %d database codes (%s targets, %s protocol)", len(q), idx.ntotal,
+                 targets, protocol)
+        with idx:
+            if targets == "hierarchy":
+                metrics, per_query = hierarchy_metrics(idx, q, info.similarity_matrix(), k, map_k, radius, seed)
+            elif targets == "captions":
+                emb = caption_embeddings or info.dir.captions
+                metrics, per_query = caption_metrics(idx, q, emb, k)
+            else:
+                raise ValueError(f"--targets must be hierarchy, captions or auto, got {targets!r}")
+        metrics.update({"protocol": protocol, "n_queries": len(q), "n_database": idx.ntotal, "bits": idx.bits,
+                        "targets": targets, "index": str(index) if protocol == "database" else None,
+                        "checkpoint": str(checkpoint), "queries": str(queries)})
+        _write_outputs(out, metrics, q, per_query)
+        _plots(out, q, metrics.pop("_hp_curve"), metrics.pop("_hp_curve_random", None))
+        return metrics
 
 
 def _check_protocol(protocol, index, checkpoint):
@@ -99,7 +102,7 @@ def _query_codes(checkpoint, queries, out, max_queries, classes, seed):
     from rayhash.encode import encode_dataset
     from rayhash.index import read_codes
 
-    codes_dir = storage.join(out, "query_codes")
+    codes_dir = EvalDir.of(out).query_codes
     encode_dataset(checkpoint, queries, codes_dir)
     q = read_codes(codes_dir)
     keep = np.arange(len(q))
@@ -239,10 +242,11 @@ def _write_outputs(out, metrics, q, per_query):
 
     table = pa.table({"key": q.keys.astype(str), "label": q.labels.astype(np.int32),
                       **{name: v.astype(np.float64) for name, v in per_query.items()}})
-    with storage.atomic_output(storage.join(out, "per_query.parquet")) as tmp:
+    out = EvalDir.of(out)
+    with storage.atomic_output(out.per_query) as tmp:
         pq.write_table(table, tmp)
-    storage.write_json(storage.join(out, "metrics.json"), {k: v for k, v in metrics.items() if not k.startswith("_")})
-    log.info("wrote %s", storage.join(out, "metrics.json"))
+    storage.write_json(out.metrics, {k: v for k, v in metrics.items() if not k.startswith("_")})
+    log.info("wrote %s", out.metrics)
 
 
 def _plots(out, q, hp_curve, hp_random, max_pairs: int = 2000):

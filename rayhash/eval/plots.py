@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from rayhash import storage
+from rayhash.layout import EvalDir
 
 
 def _figure():
@@ -33,7 +34,7 @@ def plot_hp_curve(hp: np.ndarray, out_dir: str, baseline: np.ndarray | None = No
         ax.plot(j, baseline, "--", color="grey", label="random codes")
     ax.set(xlabel="retrieved j", ylabel="mean HP@j", title="Hierarchical precision", ylim=(0, 1.02))
     ax.legend()
-    return _save(plt, fig, storage.join(out_dir, "hp_curve.png"))
+    return _save(plt, fig, EvalDir.of(out_dir).plot("hp_curve"))
 
 
 def plot_precision_recall(precision: np.ndarray, recall: np.ndarray, out_dir: str) -> str:
@@ -45,7 +46,7 @@ def plot_precision_recall(precision: np.ndarray, recall: np.ndarray, out_dir: st
             ax.annotate(f"r={r}", (recall[r], precision[r]), fontsize=7)
     ax.set(xlabel="recall", ylabel="precision", title="Precision-recall by Hamming radius", xlim=(0, 1.02),
            ylim=(0, 1.02))
-    return _save(plt, fig, storage.join(out_dir, "precision_recall.png"))
+    return _save(plt, fig, EvalDir.of(out_dir).plot("precision_recall"))
 
 
 def plot_bit_balance(bit_means: np.ndarray, out_dir: str) -> str:
@@ -55,7 +56,7 @@ def plot_bit_balance(bit_means: np.ndarray, out_dir: str) -> str:
     ax.axhline(0, color="black", lw=0.5)
     ax.set(xlabel="bit", ylabel="mean of ±1 bit", title=f"Bit balance (mean |mean| = {np.abs(bit_means).mean():.3f})",
            ylim=(-1, 1))
-    return _save(plt, fig, storage.join(out_dir, "bit_balance.png"))
+    return _save(plt, fig, EvalDir.of(out_dir).plot("bit_balance"))
 
 
 def plot_distance_histograms(similar: np.ndarray, dissimilar: np.ndarray, bits: int, out_dir: str) -> str:
@@ -66,4 +67,4 @@ def plot_distance_histograms(similar: np.ndarray, dissimilar: np.ndarray, bits: 
     ax.hist(similar, bins=bins, density=True, alpha=0.6, label="same class")
     ax.set(xlabel="Hamming distance", ylabel="density", title="Distances of similar vs dissimilar pairs")
     ax.legend()
-    return _save(plt, fig, storage.join(out_dir, "distance_histograms.png"))
+    return _save(plt, fig, EvalDir.of(out_dir).plot("distance_histograms"))

@@ -10,10 +10,11 @@ index = ShardedIndex.from_codes(read_codes("CODES"))          # the same, exact 
 """
 from __future__ import annotations
 
-from rayhash.index.build import INDEX_TYPES, build_index, read_manifest
+from rayhash.index.build import build_index, read_manifest
 from rayhash.index.codes import CodeTable, read_code_file, read_codes, write_codes
 from rayhash.index.search import RangeResult, SearchResult
 from rayhash.index.sharded import ShardedIndex
+from rayhash.index.types import INDEX_TYPES
 
 __all__ = ["INDEX_TYPES", "CodeTable", "RangeResult", "SearchResult", "ShardedIndex", "build_index",
            "read_code_file", "read_codes", "read_manifest", "write_codes"]

@@ -6,7 +6,6 @@ parameters, per-shard counts and sha256 of both files, the checkpoint the codes 
 """
 from __future__ import annotations
 
-import math
 import os
 from datetime import datetime, timezone
 from typing import Any, Sequence
@@ -15,68 +14,13 @@ import numpy as np
 
 from rayhash import storage
 from rayhash.index.codes import CodeTable, code_file_rows, list_code_files, read_code_file, read_codes_summary
+from rayhash.index.types import INDEX_TYPES, default_params, make_faiss_index
+from rayhash.layout import IndexDir
 from rayhash.runtime import get_logger
 
-MANIFEST = "manifest.json"
 FORMAT = "rayhash-index"
 FORMAT_VERSION = 1
-INDEX_TYPES = ("flat", "hash", "multihash", "ivf")
-_FAISS_CLASS = {"flat": "IndexBinaryFlat", "hash": "IndexBinaryHash", "multihash": "IndexBinaryMultiHash",
-                "ivf": "IndexBinaryIVF"}
-
 log = get_logger("rayhash.index")
-
-
-def default_params(index_type: str, bits: int, **overrides: Any) -> dict[str, Any]:
-    """Index parameters with defaults: ``hash_bits``/``nflip`` (hash), ``nhash``/``hash_bits``/``nflip``
-    (multihash), ``nlist`` (None = 4·sqrt(shard size)) / ``nprobe`` / ``train_size`` (ivf)."""
-    if index_type not in INDEX_TYPES:
-        raise ValueError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
-    defaults: dict[str, dict[str, Any]] = {
-        "flat": {},
-        "hash": {"hash_bits": min(bits, 16), "nflip": 2},
-        "multihash": {"nhash": 2, "hash_bits": min(bits // 2, 16), "nflip": 1},
-        "ivf": {"nlist": None, "nprobe": 8, "train_size": 50_000},
-    }
-    params = dict(defaults[index_type])
-    unknown = {k for k, v in overrides.items() if v is not None} - set(params)
-    if unknown:
-        raise ValueError(f"index type {index_type!r} takes no parameter(s) {sorted(unknown)}; "
-                         f"it takes {sorted(params) or 'none'}")
-    params.update({k: v for k, v in overrides.items() if v is not None})
-    return params
-
-
-def make_faiss_index(index_type: str, bits: int, params: dict[str, Any], codes: np.ndarray, seed: int = 0):
-    """A filled FAISS binary index of ``index_type`` over ``codes`` (IVF trained on a seeded sample)."""
-    import faiss
-
-    if index_type == "flat":
-        index = faiss.IndexBinaryFlat(bits)
-    elif index_type == "hash":
-        index = faiss.IndexBinaryHash(bits, int(params["hash_bits"]))
-        index.nflip = int(params["nflip"])
-    elif index_type == "multihash":
-        index = faiss.IndexBinaryMultiHash(bits, int(params["nhash"]), int(params["hash_bits"]))
-        index.nflip = int(params["nflip"])
-    else:
-        n = len(codes)
-        nlist = int(params["nlist"] or max(1, min(int(4 * math.sqrt(n)), n // 39)))
-        nlist = max(1, min(nlist, n))
-        quantizer = faiss.IndexBinaryFlat(bits)
-        index = faiss.IndexBinaryIVF(quantizer, bits, nlist)
-        index.own_fields = True
-        quantizer.this.disown()
-        rng = np.random.default_rng(seed)
-        sample = codes if n <= params["train_size"] else codes[rng.choice(n, int(params["train_size"]), replace=False)]
-        index.train(np.ascontiguousarray(sample))
-        index.nprobe = int(params["nprobe"])
-    index.add(np.ascontiguousarray(codes))
-    return index
-
-
-def shard_names(no: int) -> tuple[str, str]:
-    return f"shard-{no:05d}.faiss", f"shard-{no:05d}.ids.parquet"
 
 
 def _build_shard(out: str, no: int, pieces: list[tuple[str, int, int]], index_type: str,
@@ -88,11 +32,11 @@ def _build_shard(out: str, no: int, pieces: list[tuple[str, int, int]], index_ty
 
     table = CodeTable.concat([read_code_file(f)[lo:hi] for f, lo, hi in pieces], bits)
     index = make_faiss_index(index_type, bits, params, table.codes, seed=no)
-    index_name, ids_name = shard_names(no)
-    with storage.atomic_output(storage.join(out, index_name)) as tmp:
+    index_name, ids_name = IndexDir.shard_names(no)
+    with storage.atomic_output(IndexDir(out).file(index_name)) as tmp:
         faiss.write_index_binary(index, tmp)
         index_sha = storage.sha256_file(tmp)
-    with storage.atomic_output(storage.join(out, ids_name)) as tmp:
+    with storage.atomic_output(IndexDir(out).file(ids_name)) as tmp:
         pq.write_table(pa.table({"key": pa.array(list(table.keys), pa.string()),
                                  "label": pa.array(table.labels, pa.int32())}), tmp)
         ids_sha = storage.sha256_file(tmp)
@@ -102,7 +46,7 @@ def _build_shard(out: str, no: int, pieces: list[tuple[str, int, int]], index_ty
 
 def read_manifest(index_dir: str) -> dict[str, Any]:
     """The manifest of an index folder, checked for format and consistency."""
-    path = storage.join(str(index_dir), MANIFEST)
+    path = IndexDir.of(index_dir).manifest
     if not storage.exists(path):
         raise FileNotFoundError(f"{path}: not found — {index_dir} is not a rayhash index "
                                 "(build one with `rayhash index build --codes CODES --out INDEX`)")
@@ -117,7 +61,8 @@ def read_manifest(index_dir: str) -> dict[str, Any]:
         raise ValueError(f"{path}: field 'bits' = {bits!r} is not a positive multiple of 8; the manifest is corrupt, "
                          "rebuild the index")
     if m.get("index_type") not in INDEX_TYPES:
-        raise ValueError(f"{path}: field 'index_type' = {m.get('index_type')!r} is not one of {INDEX_TYPES}")
+        raise ValueError(f"{path}: field 'index_type' = {m.get('index_type')!r} is not one of "
+                         f"{', '.join(INDEX_TYPES.names())}; the manifest is corrupt or from a newer rayhash")
     return m
 
 
@@ -159,13 +104,20 @@ def build_index(codes: str | os.PathLike | Sequence[str], out: str | os.PathLike
     ``append=True`` indexes only code files not yet in the index at ``out``, as NEW shards (old shards untouched,
     manifest replaced atomically). ``params``: see :func:`default_params`.
     """
+    if shards < 1:
+        raise ValueError(f"shards must be >= 1, got {shards}")
+    index = IndexDir(storage.absolute(out))
+    with index.lease("index build"):  # a second build into the same folder is refused while this one runs
+        return _build(codes, index, index_type, shards, append, checkpoint, address, params)
+
+
+def _build(codes, index: IndexDir, index_type: str, shards: int, append: bool, checkpoint: str | None,
+           address: str | None, params: dict[str, Any]) -> dict[str, Any]:
     import ray
 
     from rayhash.runtime import init_ray
 
-    out = str(out)
-    if shards < 1:
-        raise ValueError(f"shards must be >= 1, got {shards}")
+    out = index.path
     files = list_code_files(codes)
     info = [code_file_rows(f) for f in files]
     widths = {w for _, w in info}
@@ -175,7 +127,7 @@ def build_index(codes: str | os.PathLike | Sequence[str], out: str | os.PathLike
     bits = widths.pop() * 8
     summary = read_codes_summary(str(codes)) if isinstance(codes, (str, os.PathLike)) else {}
     checkpoint = checkpoint or summary.get("checkpoint")
-    manifest_path = storage.join(out, MANIFEST)
+    manifest_path = index.manifest
     old = None
     if storage.finished(manifest_path):  # an empty manifest is no index: built again
         if not append:
@@ -203,7 +155,7 @@ def build_index(codes: str | os.PathLike | Sequence[str], out: str | os.PathLike
             return old
         raise ValueError(f"{codes}: the code shards hold no rows; nothing to index")
     shards = min(shards, total)
-    first = 1 + max((int(s["index"][6:11]) for s in old["shards"]), default=-1) if old else 0
+    first = 1 + max((IndexDir.shard_number(s["index"]) for s in old["shards"]), default=-1) if old else 0
     plan = _plan_shards(files, rows, shards)
     init_ray(address)
     task = ray.remote(num_cpus=1)(_build_shard)
@@ -216,7 +168,7 @@ def build_index(codes: str | os.PathLike | Sequence[str], out: str | os.PathLike
     all_shards = (old["shards"] if old else []) + new
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "bits": bits, "index_type": index_type,
-        "faiss_class": _FAISS_CLASS[index_type], "params": params, "checkpoint": checkpoint,
+        "faiss_class": INDEX_TYPES[index_type].faiss_class, "params": params, "checkpoint": checkpoint,
         "model_sha256": summary.get("model_sha256") or (old or {}).get("model_sha256"),
         "label_names": summary.get("label_names") or (old or {}).get("label_names"),
         "data": summary.get("data") or (old or {}).get("data"),

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import argparse
 
+from rayhash.cliargs import nonnegative_int, positive_int
+
 BUILD_HELP = """\
 Build a sharded FAISS binary index from Parquet code shards (one Ray task per index shard).
 Writes INDEX/shard-%05d.faiss + INDEX/shard-%05d.ids.parquet per shard and INDEX/manifest.json (last, atomically).
-Types: flat (exact), hash / multihash (exact Hamming-radius lookups), ivf (approximate k-NN, trained on a sample).
+Index types (--type):
+{types}
 --append adds codes not yet indexed as NEW shards; existing shards are never rewritten."""
 
 QUERY_HELP = """\
@@ -15,23 +18,25 @@ items (--key, their codes read from the code shards the index was built from). P
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from rayhash.index.types import INDEX_TYPES
+
     index = subparsers.add_parser("index", help="build sharded FAISS binary indices",
                                   description="Sharded FAISS binary indices over code shards.")
     isub = index.add_subparsers(dest="index_command", metavar="<command>")
-    b = isub.add_parser("build", help="build (or --append to) an index from code shards", description=BUILD_HELP,
+    b = isub.add_parser("build", help="build (or --append to) an index from code shards", description=BUILD_HELP.format(types=INDEX_TYPES.describe()),
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--codes", required=True, help="codes folder (codes-*.parquet) from `rayhash encode`, or URI")
     b.add_argument("--out", required=True, help="index folder (local path or s3:// gs:// URI)")
-    b.add_argument("--type", dest="index_type", default="flat", choices=["flat", "hash", "multihash", "ivf"],
-                   help="FAISS binary index type (default: flat)")
-    b.add_argument("--shards", type=int, default=1, help="number of index shards to build (default: 1)")
+    b.add_argument("--type", dest="index_type", default="flat", choices=INDEX_TYPES.names(),
+                   help="FAISS binary index type (default: flat; see the list above)")
+    b.add_argument("--shards", type=positive_int, default=1, help="number of index shards to build (default: 1)")
     b.add_argument("--append", action="store_true", help="add code files not yet indexed as new shards")
     b.add_argument("--checkpoint", help="record this checkpoint in the manifest (default: from codes.json)")
-    b.add_argument("--nlist", type=int, help="ivf: inverted lists per shard (default 4*sqrt(shard size))")
-    b.add_argument("--nprobe", type=int, help="ivf: lists scanned per query (default 8; = nlist is exact)")
-    b.add_argument("--hash-bits", type=int, help="hash/multihash: bits per hash table")
-    b.add_argument("--nhash", type=int, help="multihash: number of hash tables")
-    b.add_argument("--nflip", type=int, help="hash/multihash: bit flips probed per table at k-NN search time")
+    b.add_argument("--nlist", type=positive_int, help="ivf: inverted lists per shard (default 4*sqrt(shard size))")
+    b.add_argument("--nprobe", type=positive_int, help="ivf: lists scanned per query (default 8; = nlist is exact)")
+    b.add_argument("--hash-bits", type=positive_int, help="hash/multihash: bits per hash table")
+    b.add_argument("--nhash", type=positive_int, help="multihash: number of hash tables")
+    b.add_argument("--nflip", type=nonnegative_int, help="hash/multihash: bit flips probed per table at k-NN search time")
     b.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     b.set_defaults(func=_build)
     index.set_defaults(func=lambda args: index.print_help() or 2)
@@ -41,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src = q.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", nargs="+", metavar="FILE", help="query image file(s)")
     src.add_argument("--key", nargs="+", metavar="KEY", help="database key(s) whose codes are the queries")
-    q.add_argument("--k", type=int, default=10, help="hits per query (default: 10)")
+    q.add_argument("--k", type=positive_int, default=10, help="hits per query (default: 10)")
     q.add_argument("--checkpoint", help="checkpoint to encode --image with (default: the one in the manifest)")
     q.add_argument("--mode", default="local", choices=["local", "ray"], help="shards in-process or on Ray actors")
     q.add_argument("--contact-sheet", metavar="PNG", help="also write a PNG grid of the query and its hits")

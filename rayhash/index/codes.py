@@ -1,4 +1,4 @@
-"""Parquet code shards: ``codes-%05d.parquet`` with ``key`` (string), ``code`` (fixed_size_binary d/8), ``label``
+"""Parquet code shards (file names in :class:`rayhash.layout.CodesDir`): ``codes-%05d.parquet`` with ``key`` (string), ``code`` (fixed_size_binary d/8), ``label``
 (int32, -1 when unlabelled), plus ``codes.json`` (bits, checkpoint, per-shard counts, skipped corrupt inputs)."""
 from __future__ import annotations
 
@@ -11,9 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rayhash import storage
-
-CODES_PATTERN = "codes-%05d.parquet"
-CODES_SUMMARY = "codes.json"
+from rayhash.layout import CodesDir
 
 
 @dataclass
@@ -121,7 +119,7 @@ def read_codes(codes_dir: str | os.PathLike | Sequence[str]) -> CodeTable:
         raise ValueError(f"{codes_dir}: code shards have different code widths ({detail} bits); "
                          "they come from different checkpoints — encode them into separate folders")
     bits = tables[0].bits
-    summary = storage.join(str(codes_dir), CODES_SUMMARY) if isinstance(codes_dir, (str, os.PathLike)) else None
+    summary = CodesDir.of(codes_dir).summary if isinstance(codes_dir, (str, os.PathLike)) else None
     if summary and storage.exists(summary):
         declared = storage.read_json(summary).get("bits")
         if declared is not None and int(declared) != bits:
@@ -132,5 +130,5 @@ def read_codes(codes_dir: str | os.PathLike | Sequence[str]) -> CodeTable:
 
 def read_codes_summary(codes_dir: str) -> dict:
     """``codes.json`` of a codes folder, or ``{}`` when absent."""
-    path = storage.join(str(codes_dir), CODES_SUMMARY)
+    path = CodesDir.of(codes_dir).summary
     return storage.read_json(path) if storage.exists(path) else {}

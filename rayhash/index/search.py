@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -22,9 +23,14 @@ from typing import Any
 import numpy as np
 
 from rayhash import storage
+from rayhash.index.types import configure
+from rayhash.layout import IndexDir
+from rayhash.runtime import get_logger, ray_gave_no_gpu
 
 _SENTINEL = np.iinfo(np.int32).max
 _EMPTY = np.iinfo(np.int64).max  # integer candidate slot with no code
+log = get_logger("rayhash.index")
+
 GPU_MAX_K = 2048  # faiss GPU k-selection limit
 
 
@@ -100,6 +106,33 @@ def ranges_to_result(qid: np.ndarray, d: np.ndarray, keys: np.ndarray, labels: n
 _GPU_RES = None
 
 
+FAISS_GPU_MAX_CAPABILITY = (8, 9)  # faiss-gpu-cu12 wheels (1.8-1.14) carry kernels for compute capability 7.0-8.9
+_GPU_LOCK = threading.Lock()  # FAISS GPU indices are not thread-safe, even for searches: one search at a time
+
+
+def faiss_gpu_usable() -> bool:
+    """Whether flat shards may be copied to a GPU here: faiss sees a GPU, Ray gave this worker one (or this is a
+    driver), and the GPU is one the faiss wheel has kernels for. On a newer GPU (H100: 9.0) the first kernel launch
+    would abort the process inside FAISS, with no Python exception to fall back from, so the CPU index is used and
+    a warning says so; ``RAYHASH_FAISS_GPU=force`` (a faiss build for that GPU) overrides."""
+    import faiss
+
+    if ray_gave_no_gpu() or not hasattr(faiss, "GpuIndexBinaryFlat") or faiss.get_num_gpus() == 0:
+        return False
+    try:
+        import torch
+
+        cc = tuple(torch.cuda.get_device_capability(0))
+    except Exception:  # no torch CUDA: cannot tell which GPU this is
+        return False
+    if cc > FAISS_GPU_MAX_CAPABILITY and os.environ.get("RAYHASH_FAISS_GPU") != "force":
+        log.warning("GPU compute capability %d.%d is newer than the faiss GPU wheel supports (up to %d.%d): "
+                    "searching on CPU; set RAYHASH_FAISS_GPU=force with a faiss built for this GPU", *cc,
+                    *FAISS_GPU_MAX_CAPABILITY)
+        return False
+    return True
+
+
 def _gpu_resources():
     global _GPU_RES
     import faiss
@@ -124,14 +157,9 @@ class Shard:
         self.rank = np.arange(self.ntotal, dtype=np.int64)
         self.stride = self.ntotal + 1
         self.overfetch = 2  # first FAISS call asks for overfetch*k+8; doubled while ties often run past that
-        if index_type in ("hash", "multihash"):
-            index.nflip = int(params["nflip"])
-        elif index_type == "ivf":
-            index.nprobe = int(params["nprobe"])
-        elif index_type == "flat":
-            index.use_heap = False  # counting k-selection: ~25% faster than the heap for k up to a few hundred
+        configure(index, index_type, params)
         self.gpu_index = None
-        if use_gpu and index_type == "flat" and faiss.get_num_gpus() > 0:  # pragma: no cover - no GPU here
+        if use_gpu and index_type == "flat" and faiss_gpu_usable():  # pragma: no cover - no GPU here
             self.gpu_index = faiss.GpuIndexBinaryFlat(_gpu_resources(), index)
 
     @classmethod
@@ -149,7 +177,7 @@ class Shard:
         bits = manifest["bits"]
         data = {}
         for field in ("index", "idmap"):
-            uri = storage.join(index_dir, entry[field])
+            uri = IndexDir.of(index_dir).member(entry[field], IndexDir.MANIFEST)
             if not storage.exists(uri):
                 raise FileNotFoundError(f"{uri}: shard file listed in manifest.json is missing; restore it or "
                                         "rebuild the index with `rayhash index build`")
@@ -157,7 +185,7 @@ class Shard:
             if verify and hashlib.sha256(data[field]).hexdigest() != entry[f"{field}_sha256"]:
                 raise ValueError(f"{uri}: sha256 does not match manifest.json — the shard file is corrupted or was "
                                  "modified; rebuild the index with `rayhash index build`")
-        uri = storage.join(index_dir, entry["index"])
+        uri = IndexDir.of(index_dir).member(entry["index"], IndexDir.MANIFEST)
         try:
             index = faiss.deserialize_index_binary(np.frombuffer(data.pop("index"), dtype=np.uint8))
         except RuntimeError as e:
@@ -181,7 +209,8 @@ class Shard:
 
     def _faiss_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self.gpu_index is not None and k <= GPU_MAX_K:  # pragma: no cover - no GPU here
-            return self.gpu_index.search(q, k)
+            with _GPU_LOCK:
+                return self.gpu_index.search(q, k)
         return self.index.search(q, k)  # k > 2048 on GPU shards: the CPU copy answers
 
     def search(self, q: np.ndarray, k: int) -> np.ndarray:

@@ -7,7 +7,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from rayhash.index.build import make_faiss_index, read_manifest
+from rayhash.index.build import read_manifest
+from rayhash.index.types import make_faiss_index
 from rayhash.index.codes import CodeTable
 from rayhash.index.search import RangeResult, SearchResult, Shard, ShardGroup, finish, merge_ranges, merge_topk, \
     ranges_to_result

@@ -1,8 +1,19 @@
-"""Hash networks, checkpoints and the inference encoder."""
+"""Hash networks, checkpoints and the inference encoder.
+
+Backbone names (:data:`BACKBONES`) are importable without torch; the rest imports torch on first access."""
 from __future__ import annotations
 
-from rayhash.model.checkpoint import Encoder, LoadedModel, checkpoint_dir, load_checkpoint, save_model_files
-from rayhash.model.network import HashNet, build_backbone
+import importlib
 
-__all__ = ["HashNet", "build_backbone", "Encoder", "LoadedModel", "load_checkpoint", "checkpoint_dir",
-           "save_model_files"]
+from rayhash.model.backbones import BACKBONES, build_backbone
+
+_LAZY = {"HashNet": "network", "Encoder": "checkpoint", "LoadedModel": "checkpoint", "load_checkpoint": "checkpoint",
+         "checkpoint_dir": "checkpoint", "save_model_files": "checkpoint"}
+
+__all__ = ["BACKBONES", "build_backbone", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"rayhash.model.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

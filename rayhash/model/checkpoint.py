@@ -12,31 +12,29 @@ import numpy as np
 import torch
 
 from rayhash import storage
+from rayhash.layout import CheckpointDir, RunDir
 from rayhash.model.network import HashNet
 
-MODEL_FILE, META_FILE, CONFIG_FILE, STATE_FILE = "model.pt", "meta.json", "config.yaml", "train_state.pt"
+STATE_FILE = CheckpointDir.STATE  # the training loop's resume state, beside the model files
 
 
 def save_model_files(directory: str, model: torch.nn.Module, config, meta: dict[str, Any]) -> None:
     """Write model.pt (unwrapped state_dict), meta.json and config.yaml into ``directory`` (local or URI)."""
-    model = getattr(model, "module", model)
+    model, ckpt = getattr(model, "module", model), CheckpointDir.of(directory)
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
-    storage.write_bytes(storage.join(directory, MODEL_FILE), buf.getvalue())
-    storage.write_json(storage.join(directory, META_FILE), meta)
-    storage.write_bytes(storage.join(directory, CONFIG_FILE), config.to_yaml().encode())
+    storage.write_bytes(ckpt.model, buf.getvalue())
+    storage.write_json(ckpt.meta, meta)
+    storage.write_bytes(ckpt.config, config.to_yaml().encode())
 
 
-def checkpoint_dir(path: str | os.PathLike) -> str:
+def checkpoint_dir(path: str | os.PathLike) -> CheckpointDir:
     """The checkpoint folder for a run dir (-> RUN/final) or a checkpoint dir; clear error otherwise."""
-    path = str(path)
-    if storage.exists(storage.join(path, MODEL_FILE)):
-        return path
-    final = storage.join(path, "final")
-    if storage.exists(storage.join(final, MODEL_FILE)):
-        return final
-    raise FileNotFoundError(f"checkpoint: no {MODEL_FILE} in {path} or {final}; pass a run folder written by "
-                            "`rayhash train --out RUN` (or its final/ checkpoint)")
+    for ckpt in (CheckpointDir.of(path), RunDir.of(path).final):
+        if storage.exists(ckpt.model):
+            return ckpt
+    raise FileNotFoundError(f"checkpoint: no {CheckpointDir.MODEL} in {path} or {RunDir.of(path).final}; pass a run "
+                            "folder written by `rayhash train --out RUN` (or its final/ checkpoint)")
 
 
 @dataclass
@@ -56,19 +54,19 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     from rayhash.config import load_config
 
     ckpt = checkpoint_dir(path)
-    meta = storage.read_json(storage.join(ckpt, META_FILE))
+    meta = storage.read_json(ckpt.meta)
     with tempfile.TemporaryDirectory(prefix="rayhash-ckpt-") as tmp:
-        cfg_path = os.path.join(tmp, CONFIG_FILE)
+        cfg_path = os.path.join(tmp, CheckpointDir.CONFIG)
         with open(cfg_path, "wb") as f:
-            f.write(storage.read_bytes(storage.join(ckpt, CONFIG_FILE)))
+            f.write(storage.read_bytes(ckpt.config))
         config = load_config(cfg_path)
-    weights = storage.read_bytes(storage.join(ckpt, MODEL_FILE))
+    weights = storage.read_bytes(ckpt.model)
     state = torch.load(io.BytesIO(weights), map_location=map_location, weights_only=True)
     model = HashNet.from_config(config.model.model_copy(update={"pretrained": None}), int(meta.get("num_classes", 0)))
     model.load_state_dict(state)
     model.eval()
     return LoadedModel(model=model, config=config, bits=config.model.bits, image_size=config.data.image_size,
-                       label_names=list(meta.get("label_names") or []), meta=meta, path=ckpt,
+                       label_names=list(meta.get("label_names") or []), meta=meta, path=str(ckpt),
                        digest=hashlib.sha256(weights).hexdigest())
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
+import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -38,10 +39,11 @@ STAGES = {
 # Never uploaded with the working dir (gitignore syntax, anchored at the project root).
 WORKING_DIR_EXCLUDES = ["/.venv", "/venv", "/runs", "/data", "/.git", "/.pytest_cache", "/*.egg-info",
                         "/build", "/dist", "**/__pycache__", "*.pyc"]
-# Forwarded from the submitter's environment to the job (besides RAYHASH_*), when set.
-PASSTHROUGH_ENV = ("NLTK_DATA", "HF_HUB_OFFLINE", "HF_HOME", "TOKENIZERS_PARALLELISM", "RAY_TRAIN_V2_ENABLED")
-# RAYHASH_* variables that are the submitter's own business (and secrets) and never leave this machine.
-PRIVATE_ENV = ("RAYHASH_ADDRESS", "RAYHASH_TOKEN", "RAYHASH_TOKEN_FILE")
+# Forwarded from the submitter's environment to the job, when set: an allow-list, so no other variable of the
+# submitter's shell (a cluster token, cloud keys) ever reaches the job's runtime_env, which the Jobs API shows.
+PASSTHROUGH_ENV = ("RAYHASH_STORAGE", "RAYHASH_PROGRESS", "RAYHASH_LOG_LEVEL", "RAYHASH_DEBUG", "RAYHASH_LEASE_TTL",
+                   "RAYHASH_MAX_IMAGE_PIXELS", "NLTK_DATA", "HF_HUB_OFFLINE", "HF_HOME", "TOKENIZERS_PARALLELISM",
+                   "RAY_TRAIN_V2_ENABLED")
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -87,13 +89,29 @@ def resolve_token(token: str | None = None, token_file: str | os.PathLike | None
     token_file = token_file or (None if token else (os.environ.get("RAYHASH_TOKEN_FILE")
                                                     or os.environ.get("RAY_AUTH_TOKEN_PATH")))
     if not token and token_file:
-        path = Path(token_file).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"token file {path} not found: pass --token-file with the cluster's token file")
-        token = path.read_text().strip()
-        if not token:
-            raise ValueError(f"token file {path} is empty")
+        token = _read_token_file(str(token_file))
     return token.strip() if token else None
+
+
+def _read_token_file(token_file: str) -> str:
+    """``-`` reads standard input; a pipe (``<(...)``) is read as it is; a regular file must be private (no
+    group or other permission bits, as ssh requires of keys)."""
+    if token_file == "-":
+        token, where = sys.stdin.readline().strip(), "standard input"
+    else:
+        path = Path(token_file).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"token file {path} not found: pass --token-file with the cluster's token file")
+        mode = path.stat().st_mode
+        if stat.S_ISREG(mode) and mode & 0o077:
+            raise PermissionError(f"token file {path} is readable by other users (mode {stat.S_IMODE(mode):o}); "
+                                  f"run `chmod 600 {path}`")
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(f"token file {path} is a folder; pass the file that holds the token")
+        token, where = path.read_text().strip(), f"token file {path}"
+    if not token:
+        raise ValueError(f"{where} is empty: it must hold the cluster's token")
+    return token
 
 
 def _auth_error(address: str, had_token: bool, detail: str) -> SubmitAuthError:
@@ -142,11 +160,10 @@ def _guard(client: "JobSubmissionClient", fn, *args, **kwargs):
 
 
 def job_env(extra: Mapping[str, str] | Sequence[str] = (), forward: bool = True) -> dict[str, str]:
-    """Environment for the job: ``RAYHASH_*`` and :data:`PASSTHROUGH_ENV` from here, then ``extra`` (KEY=VAL)."""
+    """Environment for the job: the variables of :data:`PASSTHROUGH_ENV` set here, then ``extra`` (KEY=VAL)."""
     env = {}
     if forward:
-        env = {k: v for k, v in os.environ.items()
-               if (k.startswith("RAYHASH_") and k not in PRIVATE_ENV) or k in PASSTHROUGH_ENV}
+        env = {k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ}
     items = extra.items() if isinstance(extra, Mapping) else (_split_env(s) for s in extra)
     env.update({k: str(v) for k, v in items})
     return env

@@ -5,6 +5,8 @@ import argparse
 import shlex
 import sys
 
+from rayhash.cliargs import nonnegative_float
+
 SUBMIT_EPILOG = """\
 stages: convert, embed-captions, train, encode, index, eval, pipeline (= python jobs/<stage>.py <args>)
 examples:
@@ -21,9 +23,19 @@ must already have rayhash's dependencies (see cluster/README.md). Exit status: 0
 def _connection_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cluster")
     g.add_argument("--address", help="Jobs API URL, http://HEAD:8265 (default: $RAYHASH_ADDRESS, $RAY_ADDRESS)")
-    g.add_argument("--token", help="Ray auth token (token-auth clusters; prefer --token-file or $RAYHASH_TOKEN)")
-    g.add_argument("--token-file", help="file holding the Ray auth token (default: $RAYHASH_TOKEN_FILE, "
-                                        "$RAY_AUTH_TOKEN_PATH)")
+    g.add_argument("--token", action=_RefuseToken, help=argparse.SUPPRESS)
+    g.add_argument("--token-file", help="file holding the Ray auth token, private (chmod 600), or - to read it from "
+                                        "standard input (default: $RAYHASH_TOKEN_FILE, $RAY_AUTH_TOKEN_PATH; or the "
+                                        "token itself in $RAYHASH_TOKEN). Never on the command line: `ps` shows it")
+
+
+class _RefuseToken(argparse.Action):
+    """``--token VALUE`` would put the secret in every process listing and in shell history."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error("--token would show the token to every user of this machine (ps, shell history); pass "
+                     "--token-file PATH (chmod 600), --token-file - (read from standard input), or set "
+                     "$RAYHASH_TOKEN")
 
 
 def register(subparsers) -> None:
@@ -33,15 +45,16 @@ def register(subparsers) -> None:
                               epilog=SUBMIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _connection_args(p)
     p.add_argument("--env", action="append", default=[], metavar="KEY=VAL",
-                   help="environment variable for the job (repeatable); RAYHASH_*, NLTK_DATA, HF_HUB_OFFLINE "
-                        "are forwarded from here unless --no-forward-env")
-    p.add_argument("--no-forward-env", action="store_true", help="do not forward RAYHASH_* etc. to the job")
+                   help="environment variable for the job (repeatable); an allow-list (RAYHASH_STORAGE, "
+                        "RAYHASH_PROGRESS, NLTK_DATA, HF_HOME, ...) is forwarded from here unless --no-forward-env")
+    p.add_argument("--no-forward-env", action="store_true",
+                   help="forward none of this shell's variables (RAYHASH_STORAGE, NLTK_DATA, ...) to the job")
     p.add_argument("--pip", action="append", default=[], metavar="PACKAGE",
                    help="extra pip package installed for this job only (Ray runtime_env pip; repeatable)")
     p.add_argument("--working-dir", default=None, help="directory uploaded as the job's working dir "
                                                        "(default: this rayhash checkout)")
     p.add_argument("--submission-id", help="job id to use (default: generated); resubmitting an id fails")
-    p.add_argument("--num-gpus", type=float, default=None, help="GPUs reserved for the job's driver process")
+    p.add_argument("--num-gpus", type=nonnegative_float, default=None, help="GPUs reserved for the job's driver process")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return without following logs")
     p.add_argument("--raw", action="store_true", help="the arguments are a shell command to run as the job "
                                                       "(e.g. --raw -- python my_driver.py)")

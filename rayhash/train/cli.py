@@ -10,11 +10,17 @@ Train a semantic hash network with Ray Train (DDP over train.num_workers workers
 
 Writes RUN/metrics.jsonl (one line per epoch), RUN/curves.png, RUN/ray/ (Ray Train checkpoints) and
 RUN/final/ (model.pt, meta.json, config.yaml) which `rayhash encode --checkpoint RUN` loads.
+
+Backbones (model.backbone=NAME):
+{backbones}
 """
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a hash network (Ray Train)", description=HELP,
+    from rayhash.model.backbones import BACKBONES
+
+    p = subparsers.add_parser("train", help="train a hash network (Ray Train)",
+                              description=HELP.format(backbones=BACKBONES.describe()),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML run config (see configs/*.yaml)")
     p.add_argument("--data", help="dataset folder from `rayhash data convert` (sets data.path)")

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from rayhash import storage
 from rayhash.config import RunConfig
+from rayhash.layout import CheckpointDir, DatasetDir, RunDir
 from rayhash.runtime import get_logger, require_cpu_headroom
 
 log = get_logger("rayhash.train")
@@ -34,8 +35,7 @@ def plan_steps(config: RunConfig, n_train: int) -> int:
 
 
 def _storage(config: RunConfig, out: str) -> str:
-    path = config.train.storage_path or storage.join(out, "ray")
-    return storage.absolute(path)
+    return storage.absolute(config.train.storage_path or RunDir(out).ray_storage)
 
 
 def _has_run(storage_path: str) -> bool:
@@ -54,13 +54,8 @@ def train(config: RunConfig, out: str, *, resume: bool = False, address: str | N
 
     ``resume=True`` continues the run in ``<out>`` from its latest checkpoint (Ray Train restores it);
     without it an existing run folder is refused. Worker failures restart from the last checkpoint up to
-    ``train.max_failures`` times."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from rayhash.data import load_dataset_info, read_shards
-    from rayhash.runtime import cluster_has_gpus, init_ray
-
+    ``train.max_failures`` times. The run folder's writer lease is held throughout: a second ``rayhash train``
+    into the same folder is refused while this one runs."""
     config.check_paths()
     out = storage.absolute(out)
     store = _storage(config, out)
@@ -69,9 +64,24 @@ def train(config: RunConfig, out: str, *, resume: bool = False, address: str | N
                               "to continue it from its latest checkpoint, or choose a new --out")
     if resume and not _has_run(store):
         log.warning("--resume: no earlier run under %s, starting from scratch", store)
-    elif resume and (done := _finished_run(config, out)) is not None:
+    elif resume:
+        _check_resume_config(config, store)
+    if resume and (done := _finished_run(config, out)) is not None:
         log.info("%s: every one of the %d epochs is trained and exported; nothing to resume", out, config.train.epochs)
         return done
+    run = RunDir(out)
+    with run.lease("train"):
+        return _fit(config, run, store, address)
+
+
+def _fit(config: RunConfig, run: RunDir, store: str, address: str | None) -> TrainResult:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from rayhash.data import load_dataset_info, read_shards
+    from rayhash.runtime import cluster_has_gpus, init_ray
+
+    out = run.path
     d = config.data
     info = load_dataset_info(d.path)
     if d.targets == "hierarchy" and info.kind != "labels":
@@ -79,7 +89,7 @@ def train(config: RunConfig, out: str, *, resume: bool = False, address: str | N
                          "set data.targets=captions (or none)")
     caption_embeddings = d.caption_embeddings
     if d.targets == "captions" and not caption_embeddings:
-        caption_embeddings = storage.join(d.path, "caption_embeddings.parquet")
+        caption_embeddings = DatasetDir(d.path).captions
         if not storage.exists(caption_embeddings):
             raise FileNotFoundError(f"data.caption_embeddings: {caption_embeddings} not found; run "
                                     f"`rayhash data embed-captions {d.path} --out {caption_embeddings}`")
@@ -91,16 +101,16 @@ def train(config: RunConfig, out: str, *, resume: bool = False, address: str | N
     use_gpu = cluster_has_gpus() if config.train.use_gpu == "auto" else bool(config.train.use_gpu)
     check_cpu_headroom(config.train, address)
     columns = ["image", "label"] + (["target"] if d.targets == "captions" else [])
-    ds = read_shards(storage.join(d.path, d.train_split), mode="train", image_size=d.image_size, shuffle=True,
+    ds = read_shards(DatasetDir(d.path).split(d.train_split), mode="train", image_size=d.image_size, shuffle=True,
                      seed=config.train.seed, caption_embeddings=caption_embeddings if d.targets == "captions" else None,
-                     classes=d.train_classes)
+                     classes=d.train_classes, num_classes=num_classes)
     ds = ds.select_columns(columns).limit(steps * config.train.batch_size)
     val_source = _validation_source(d, info)
     storage.makedirs(out)
     loop_cfg = {
         "config": config.model_dump(), "num_classes": num_classes, "steps_per_epoch": steps,
-        "similarity": similarity, "val_source": val_source, "metrics_path": storage.join(out, "metrics.jsonl"),
-        "tensorboard_dir": os.path.join(out, "tensorboard") if config.train.tensorboard and not storage.is_remote(out)
+        "similarity": similarity, "val_source": val_source, "metrics_path": run.metrics,
+        "tensorboard_dir": run.file(run.TENSORBOARD) if config.train.tensorboard and not storage.is_remote(out)
         else None,
         "fault": os.environ.get("RAYHASH_FAULT_INJECT"),  # tests: rank=R,step=S,marker=FILE
         "trace_dir": os.environ.get("RAYHASH_TRAIN_TRACE"),  # tests: per-worker labels seen, restores
@@ -126,21 +136,37 @@ def train(config: RunConfig, out: str, *, resume: bool = False, address: str | N
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     final = export_final(result.checkpoint, out)
-    history = _read_history(storage.join(out, "metrics.jsonl"))
-    plot_curves(history, storage.join(out, "curves.png"))
+    history = _read_history(run.metrics)
+    plot_curves(history, run.curves)
     log.info("final checkpoint: %s", final)
     return TrainResult(checkpoint=final, metrics=history, ray_checkpoint=result.checkpoint.path)
+
+
+def _check_resume_config(config: RunConfig, store: str) -> None:
+    """``--resume`` with model settings other than the run's latest checkpoint fails here, naming each setting
+    (not deep inside the restore)."""
+    import yaml
+
+    ckpts = storage.list_dirs(storage.join(store, RUN_NAME), prefix="checkpoint_")
+    saved = CheckpointDir(ckpts[-1]).config if ckpts else None
+    if not saved or not storage.exists(saved):
+        return
+    old = RunConfig.model_validate(yaml.safe_load(storage.read_bytes(saved))).model.model_dump()
+    new = config.model.model_dump()
+    differ = [f"model.{k}: checkpoint {old[k]!r}, now {new[k]!r}" for k in new if k != "pretrained" and old[k] != new[k]]
+    if differ:
+        raise ValueError(f"--resume: the run's latest checkpoint ({saved}) was trained with other model settings "
+                         f"({'; '.join(differ)}); resume with the checkpoint's settings, or train into a new --out")
 
 
 def _finished_run(config: RunConfig, out: str) -> TrainResult | None:
     """The result of a run in ``out`` that trained all ``train.epochs`` and exported ``out/final`` (its meta.json is
     written last), or None."""
-    from rayhash.model.checkpoint import META_FILE
-
-    meta = storage.join(out, "final", META_FILE)
+    run = RunDir(out)
+    meta = run.final.meta
     if not storage.finished(meta) or storage.read_json(meta).get("epoch") != config.train.epochs - 1:
         return None
-    return TrainResult(checkpoint=storage.join(out, "final"), metrics=_read_history(storage.join(out, "metrics.jsonl")))
+    return TrainResult(checkpoint=str(run.final), metrics=_read_history(run.metrics))
 
 
 def _validation_source(d, info) -> str | None:
@@ -158,7 +184,7 @@ def _validation_source(d, info) -> str | None:
         log.warning("data.val_split %r not in %s (splits: %s): validating on %r instead (set data.val_split to "
                     "choose)", split, d.path, sorted(info.splits), found[0])
         split = found[0]
-    return storage.join(d.path, split)
+    return DatasetDir(d.path).split(split)
 
 
 def _entry(loop_cfg: dict) -> list[dict]:
@@ -170,16 +196,14 @@ def _entry(loop_cfg: dict) -> list[dict]:
 def export_final(checkpoint, out: str) -> str:
     """Copy the Ray checkpoint's model files (model.pt, config.yaml, train_state.pt, then meta.json: a final/ with
     meta.json is complete) to <out>/final."""
-    from rayhash.model.checkpoint import META_FILE
-
-    final = storage.join(out, "final")
+    final = RunDir(out).final
     with checkpoint.as_directory() as d:
-        for name in sorted(os.listdir(d), key=lambda n: (n == META_FILE, n)):
+        for name in sorted(os.listdir(d), key=lambda n: (n == final.META, n)):
             src = os.path.join(d, name)
             if os.path.isfile(src):
                 with open(src, "rb") as f:
-                    storage.write_bytes(storage.join(final, name), f.read())
-    return final
+                    storage.write_bytes(final.file(name), f.read())
+    return str(final)
 
 
 def _read_history(path: str) -> list[dict]:

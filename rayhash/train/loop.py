@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import random
 import tempfile
 import time
@@ -99,16 +100,22 @@ def _seed(seed: int) -> None:
 def save_train_state(directory: str, model, opt, sched, config: RunConfig, meta: dict, state: dict) -> None:
     """A full resumable checkpoint folder: model.pt/meta.json/config.yaml + train_state.pt."""
     save_model_files(directory, model, config, meta)
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-                **state}, os.path.join(directory, STATE_FILE))
+    # tensors and plain values only, so that resuming loads it with weights_only=True (no code runs on load)
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), **state},
+               os.path.join(directory, STATE_FILE))
 
 
 def load_train_state(directory: str, model, opt, sched) -> dict:
     """Restore model/optimizer/scheduler from a checkpoint folder; returns the rest (epoch, step, history...)."""
     target = getattr(model, "module", model)
     target.load_state_dict(torch.load(os.path.join(directory, "model.pt"), map_location="cpu", weights_only=True))
-    state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=False)
+    path = os.path.join(directory, STATE_FILE)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: holds objects other than tensors and plain values, so it is not loaded (loading "
+                         "them could run code from the checkpoint's author). Resume from a checkpoint written by "
+                         f"rayhash, or train afresh without --resume. ({str(e).splitlines()[0][:160]})") from None
     opt.load_state_dict(state.pop("optimizer"))
     sched.load_state_dict(state.pop("scheduler"))
     return state
@@ -124,7 +131,8 @@ def _val_arrays(loop_cfg: dict, config: RunConfig) -> dict[str, np.ndarray] | No
     n = config.validation.subset
     if not loop_cfg.get("val_source") or n == 0:
         return None
-    ds = read_shards(loop_cfg["val_source"], mode="eval", image_size=config.data.image_size)
+    ds = read_shards(loop_cfg["val_source"], mode="eval", image_size=config.data.image_size,
+                     num_classes=loop_cfg["num_classes"])
     ds = ds.limit(n) if n else ds
     images, labels = [], []
     for b in ds.select_columns(["image", "label"]).iter_batches(batch_size=256, batch_format="numpy"):

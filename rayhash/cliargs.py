@@ -1,0 +1,44 @@
+"""argparse types that refuse out-of-range numbers with the option's rule (``--shard-size 0`` is an error, not the
+default). Shared by every stage's ``cli.py``."""
+from __future__ import annotations
+
+import argparse
+
+
+def _number(kind, text: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    v = _number(int, text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} is not allowed: must be at least 1")
+    return v
+
+
+def nonnegative_int(text: str) -> int:
+    """An integer >= 0."""
+    v = _number(int, text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{v} is not allowed: must be 0 or more")
+    return v
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1)."""
+    v = _number(float, text)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"{v} is not allowed: must be at least 0 and below 1")
+    return v
+
+
+def nonnegative_float(text: str) -> float:
+    """A number >= 0."""
+    v = _number(float, text)
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"{v} is not allowed: must be 0 or more")
+    return v
