@@ -7,7 +7,7 @@ DATA    ?=
 LIMIT   ?=
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/bench_metrics.py
+
+gpu-check: install  # first thing to run on a new GPU node: proves and times the GPU paths (exit 2: no GPU)
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -37,7 +37,11 @@ GPU_SCRIPT = textwrap.dedent("""
         with ShardedIndex.open(index_dir, mode="ray", actors=1) as index:
             free_gpus = ray.available_resources().get("GPU", 0)
             res = index.search(codes.codes[:20], k=7)
+        with ShardedIndex.open(index_dir, mode="ray", actors=3) as index:  # more shard groups than GPUs
+            shared_gpus = ray.available_resources().get("GPU", 0)
+            res3 = index.search(codes.codes[:20], k=7)
         print("RESULT", json.dumps({"count": summary["count"], "free_gpus_while_open": free_gpus,
+                                    "free_gpus_three_groups": shared_gpus, "keys3": res3.keys.tolist(),
                                     "keys": res.keys.tolist(), "distances": res.distances.tolist()}))
     finally:
         ray.shutdown()
@@ -70,6 +74,8 @@ def test_gpu_defaults_schedule_on_gpu_node_and_match_cpu(data_cifar_small, index
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.split("RESULT", 1)[1])
     assert got["free_gpus_while_open"] == 0  # the index actor holds the node's GPU
+    assert got["free_gpus_three_groups"] < 0.01  # three groups share the one GPU (1/3 each) instead of waiting forever
+    assert got["keys3"] == got["keys"]
     a, b = read_codes(str(cpu_codes)), read_codes(str(tmp_path / "gpu-codes"))
     assert got["count"] == len(a) > 0
     np.testing.assert_array_equal(a.keys, b.keys)  # same samples, same order, same codes
@@ -136,3 +142,24 @@ def test_work_given_no_gpu_stays_on_cpu_on_a_gpu_node(ray_local):
     from rayhash.runtime import ray_gave_no_gpu
 
     assert ray_gave_no_gpu() is False  # the driver decides by the devices present
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gpu_check_runs_its_checks_on_cpu_and_refuses_without_a_gpu():
+    """`make gpu-check`: every check it makes on a GPU node runs here on the CPU (same code, --device cpu) and
+    passes; without --device it says that no GPU is present and exits 2."""
+    import torch
+
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--device", "cpu",
+                          "--images", "128", "--batch-size", "64", "--database", "5000", "--queries", "50"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    rows = [line.split()[:2] for line in run.stdout.splitlines()[1:]]
+    assert rows == [["train", "PASS"], ["encode", "PASS"], ["search", "PASS"]], run.stdout
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the no-GPU refusal cannot be shown here")
+    bare = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py")], capture_output=True,
+                          text=True, timeout=300)
+    assert bare.returncode == 2 and "no NVIDIA GPU is visible" in bare.stderr

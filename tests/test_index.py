@@ -198,3 +198,53 @@ def test_cli_build_and_query_by_key(tmp_path, index_random_codes, capsys, ray_lo
         assert [r[3] for r in rows] == [str(labels[j]) for j in o]  # no label names recorded: the label ids
     assert main(["query", "--index", out, "--key", "no-such-key"]) == 2
     assert "no-such-key" in capsys.readouterr().err
+
+
+def _clustered_codes(n: int, bits: int, prototypes: int, noise: float, seed: int):
+    """Codes near a few prototypes (per-bit flip probability ``noise``), with exact duplicates: many ties."""
+    rng = np.random.default_rng(seed)
+    protos = rng.integers(0, 2, (prototypes, bits), dtype=np.uint8)
+    raw = protos[rng.integers(0, prototypes, n)] ^ (rng.random((n, bits)) < noise).astype(np.uint8)
+    raw[: n // 10] = raw[n // 10: 2 * (n // 10)]  # duplicates
+    return np.packbits(raw, axis=1)
+
+
+@pytest.mark.parametrize("mode", ["local", "ray"])
+def test_mih_is_exact_k_nn_on_clustered_and_random_codes(tmp_path, mode, ray_local):
+    """Multi-index hashing answers k-NN exactly (against numpy brute force, ties by key) for every k, whether the
+    query's neighbours are close (found by probing) or far (answered by the scan fallback), and range search too."""
+    bits, n = 32, 3000
+    codes = _clustered_codes(n, bits, prototypes=40, noise=0.05, seed=3)
+    rng = np.random.default_rng(4)
+    keys = np.array([f"item-{i:05d}" for i in rng.permutation(n)])
+    labels = rng.integers(0, 9, n).astype(np.int32)
+    codes_dir = index_write_code_dir(tmp_path / "codes", keys, codes, labels)
+    build_index(codes_dir, tmp_path / "mih", index_type="mih", shards=3)
+    manifest = json.loads((tmp_path / "mih" / "manifest.json").read_text())
+    assert manifest["params"] == {"nhash": 2, "hash_bits": 16, "max_flips": 1}
+    queries = np.concatenate([codes[rng.choice(n, 10, replace=False)],  # near: found within the probed radius
+                              rng.integers(0, 256, (6, bits // 8), dtype=np.uint8)])  # random: scan fallback
+    full = brute_distances(queries, codes)
+    with ShardedIndex.open(tmp_path / "mih", mode=mode) as index:
+        for k in (1, 10, 57, n + 5):
+            order, dist = brute_topk(queries, codes, keys, min(k, n))
+            res = index.search(queries, k)
+            assert_same_topk(_first(res, min(k, n)), keys, labels, order, dist)
+        for radius in (0, 2, 5):
+            rr = index.range_search(queries, radius)
+            for i in range(len(queries)):
+                want = sorted((int(full[i, j]), keys[j]) for j in np.flatnonzero(full[i] <= radius))
+                assert sorted(zip(rr[i].distances.tolist(), rr[i].keys.tolist())) == want, radius
+
+
+def _first(res, k):
+    """The first k columns of a search result (k > the database pads with empty slots)."""
+    return type(res)(res.distances[:, :k], res.keys[:, :k], res.labels[:, :k])
+
+
+def test_mih_refuses_tables_that_do_not_split_the_bits():
+    from rayhash.index.types import default_params
+
+    with pytest.raises(ValueError, match="nhash=3 tables must split the 64 bits evenly"):
+        default_params("mih", 64, nhash=3)
+    assert default_params("mih", 128) == {"nhash": 8, "hash_bits": 16, "max_flips": 1}

@@ -228,3 +228,21 @@ def test_all_gather_with_grad_on_real_gloo(tmp_path):
         assert torch.allclose(r["loss"], loss.detach())
     ddp_grad = torch.cat([res[0]["grad"], res[1]["grad"]]) / 2  # DDP averages over the 2 workers
     assert torch.allclose(ddp_grad, full.grad)
+
+
+def test_cross_entropy_over_labelled_samples_without_branching():
+    """CE is the mean over labelled samples (an independent masked computation); a batch whose labels are all -1
+    gives 0 and still a gradient (zeros) for the classifier, which DDP needs from every parameter on every step."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 5)
+    z = torch.randn(6, 8)
+    labels = torch.tensor([0, -1, 3, 4, -1, 1])
+    loss = HashingLoss(alpha=0.0, beta=0.0, label_smoothing=0.1)
+    ce, _ = loss(z, head(z), labels=labels)
+    keep = labels >= 0
+    assert torch.allclose(ce, F.cross_entropy(head(z)[keep], labels[keep], label_smoothing=0.1), atol=1e-6)
+    head.zero_grad(set_to_none=True)
+    none, terms = loss(z, head(z), labels=torch.full((6,), -1))
+    none.backward()
+    assert float(terms["ce"]) == 0.0
+    assert head.weight.grad is not None and float(head.weight.grad.abs().sum()) == 0.0

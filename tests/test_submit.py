@@ -85,12 +85,14 @@ def test_address_and_token_resolution(monkeypatch, tmp_path):
         S.resolve_address("ray://h:10001")
     assert S.resolve_token() is None
     (tmp_path / "tok").write_text("abc\n")
+    (tmp_path / "tok").chmod(0o600)  # a token file must be private (see test_token_file_must_be_private...)
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "tok"))
     assert S.resolve_token() == "abc"
     assert S.resolve_token(token="direct") == "direct"
     with pytest.raises(FileNotFoundError, match="missing"):
         S.resolve_token(token_file=tmp_path / "missing")
     (tmp_path / "empty").write_text("")
+    (tmp_path / "empty").chmod(0o600)
     with pytest.raises(ValueError, match="empty"):
         S.resolve_token(token_file=tmp_path / "empty")
 

@@ -158,6 +158,7 @@ class Shard:
         self.stride = self.ntotal + 1
         self.overfetch = 2  # first FAISS call asks for overfetch*k+8; doubled while ties often run past that
         configure(index, index_type, params)
+        self.scan = index.storage if index_type == "mih" else index  # what a k-NN scan searches
         self.gpu_index = None
         if use_gpu and index_type == "flat" and faiss_gpu_usable():  # pragma: no cover - no GPU here
             self.gpu_index = faiss.GpuIndexBinaryFlat(_gpu_resources(), index)
@@ -211,13 +212,43 @@ class Shard:
         if self.gpu_index is not None and k <= GPU_MAX_K:  # pragma: no cover - no GPU here
             with _GPU_LOCK:
                 return self.gpu_index.search(q, k)
-        return self.index.search(q, k)  # k > 2048 on GPU shards: the CPU copy answers
+        return self.scan.search(q, k)  # k > 2048 on GPU shards: the CPU copy answers
 
     def search(self, q: np.ndarray, k: int) -> np.ndarray:
         """Exact top-k of this shard by (distance, key): (nq, k) int64 ``distance * stride + rank``, sorted,
         ``_EMPTY`` where the shard has fewer than k codes."""
         if not self.ntotal:
             return np.full((len(q), k), _EMPTY, np.int64)
+        if self.index_type == "mih":
+            return self._mih_search(q, k)
+        return self._scan_search(q, k)
+
+    def _mih_search(self, q: np.ndarray, k: int) -> np.ndarray:
+        """Multi-index hashing, exact: probe every table with f = 0, 1, ... ``max_flips`` flips, which finds every code
+        within radius r = (f+1)·nhash - 1 of the query; a query with at least k codes within r has its exact top-k
+        among them (the k-th nearest is within r, and so is every code tied with it). Queries still short of k
+        after ``max_flips`` are answered by a scan of the shard's codes."""
+        m, kk = int(self.params["nhash"]), min(k, self.ntotal)
+        out = np.full((len(q), k), _EMPTY, np.int64)
+        pending = np.arange(len(q))
+        for flips in range(int(self.params["max_flips"]) + 1):
+            if not len(pending):
+                break
+            qid, d, ranks = self.range_search(q[pending], (flips + 1) * m - 1)
+            done = np.bincount(qid, minlength=len(pending)) >= kk
+            if done.any():
+                sel = done[qid]
+                qs, c = qid[sel], d[sel].astype(np.int64) * self.stride + ranks[sel]
+                order = np.lexsort((c, qs))
+                qs, c = qs[order], c[order]
+                starts = np.searchsorted(qs, np.flatnonzero(done))
+                out[pending[done], :kk] = c[starts[:, None] + np.arange(kk)]
+            pending = pending[~done]
+        if len(pending):
+            out[pending] = self._scan_search(q[pending], k)
+        return out
+
+    def _scan_search(self, q: np.ndarray, k: int) -> np.ndarray:
         kk = min(self.ntotal, self.overfetch * k + 8)
         d, i = self._faiss_search(q, kk)
         dd, ii = d, i
@@ -251,7 +282,7 @@ class Shard:
         saved = getattr(index, "nflip", None)
         if self.index_type == "hash":
             index.nflip = max(saved, radius)
-        elif self.index_type == "multihash":
+        elif self.index_type in ("multihash", "mih"):
             index.nflip = max(saved, math.ceil((radius + 1) / int(self.params["nhash"])) - 1)
         try:
             lims, d, i = index.range_search(q, radius + 1)  # faiss: strictly below the threshold

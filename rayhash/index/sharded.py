@@ -3,15 +3,16 @@ group of shards sized to fit an actor's memory (``mode="ray"``, for indices bigg
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Sequence
 
 import numpy as np
 
 from rayhash.index.build import read_manifest
-from rayhash.index.types import make_faiss_index
 from rayhash.index.codes import CodeTable
 from rayhash.index.search import RangeResult, SearchResult, Shard, ShardGroup, finish, merge_ranges, merge_topk, \
     ranges_to_result
+from rayhash.index.types import make_faiss_index
 from rayhash.runtime import get_logger
 
 log = get_logger("rayhash.index")
@@ -59,8 +60,17 @@ def _start_actors(path: str, manifest: dict, groups: list[list[dict]], load_kwar
         handle = ray.remote(ShardGroupActor).options(memory=mem, scheduling_strategy="SPREAD", **resources).remote()
         handles.append(handle)
         loads.append(handle.load.remote(path, entries, manifest, load_kwargs))
+    wait_s = float(os.environ.get("RAYHASH_ACTOR_START_TIMEOUT", "900"))
     try:
-        ray.get(loads)
+        ray.get(loads, timeout=wait_s)
+    except ray.exceptions.GetTimeoutError:
+        for h in handles:
+            ray.kill(h)
+        raise TimeoutError(
+            f"{path}: {len(groups)} index actor(s) asking for {resources} and up to "
+            f"{max(sum(_shard_bytes(e, manifest['bits']) for e in g) for g in groups) >> 20} MiB each were not all "
+            f"placed within {wait_s:.0f} s (the cluster has {ray.cluster_resources()}); pass fewer actors, "
+            "actor_gpus=0, or add nodes (RAYHASH_ACTOR_START_TIMEOUT sets the wait)") from None
     except ray.exceptions.RayTaskError as e:
         for h in handles:
             ray.kill(h)
@@ -89,8 +99,10 @@ class ShardedIndex:
 
         ``mode="local"``: all shards in this process, searched by ``threads`` threads. ``mode="ray"``: shards
         grouped to fit ``actor_memory`` bytes per actor (or into ``actors`` groups); each group is loaded by one Ray
-        actor reserving that memory, so Ray places it on a node with room (``actor_gpus`` per actor, default 1 for
-        flat indices when the cluster has GPUs: its shards then search as ``GpuIndexBinaryFlat``).
+        actor reserving that memory, so Ray places it on a node with room (``actor_gpus`` per actor, default for flat
+        indices when the cluster has GPUs: one each, or an equal share when there are more groups than GPUs; its
+        shards then search as ``GpuIndexBinaryFlat``). Actors that cannot be placed within
+        ``$RAYHASH_ACTOR_START_TIMEOUT`` seconds (900) fail with the resources they asked for.
         ``search_params`` override the build's search-time parameters (``nprobe`` for ivf, ``nflip`` for hash
         types). ``checkpoint`` (default: the one recorded in the manifest) is used by :meth:`search_images`."""
         path = str(path_or_uri)
@@ -102,12 +114,16 @@ class ShardedIndex:
             group = ShardGroup.load(path, manifest["shards"], manifest, threads=threads, **load_kwargs)
             index = cls(path, manifest, mode, group=group, checkpoint=checkpoint)
         elif mode == "ray":
+            import ray
+
             from rayhash.runtime import cluster_has_gpus, init_ray
 
             init_ray(address)
-            if actor_gpus is None:
-                actor_gpus = 1 if use_gpu and manifest["index_type"] == "flat" and cluster_has_gpus() else 0
             groups = plan_groups(manifest["shards"], manifest["bits"], actors, actor_memory)
+            if actor_gpus is None:  # one GPU per group, or an equal share when there are more groups than GPUs
+                gpus = ray.cluster_resources().get("GPU", 0)
+                share = min(1.0, math.floor(gpus / len(groups) * 1e4) / 1e4)  # Ray counts GPUs in 1e-4 units
+                actor_gpus = share if use_gpu and manifest["index_type"] == "flat" and cluster_has_gpus() else 0
             handles = _start_actors(path, manifest, groups, {**load_kwargs, "threads": threads},
                                     {"num_cpus": actor_cpus, "num_gpus": actor_gpus})
             log.info("index %s: %d shards on %d Ray actors", path, len(manifest["shards"]), len(handles))

@@ -31,6 +31,16 @@ def _multihash_params(bits: int) -> dict[str, Any]:
     return {"nhash": 2, "hash_bits": min(bits // 2, 16), "nflip": 1}
 
 
+@INDEX_TYPES.register("mih", help="exact k-NN by multi-index hashing: nhash tables of bits/nhash bits probed with a "
+                                   "growing radius, a scan when that is cheaper (fast on clustered codes)",
+                      factory="BHash{nhash}x{hash_bits}", faiss_class="IndexBinaryMultiHash",
+                      complete=lambda p, bits: {**p, "hash_bits": bits // int(p["nhash"])})
+def _mih_params(bits: int) -> dict[str, Any]:
+    # Norouzi, Punjani & Fleet (2012): a code within radius r of the query is within floor(r/m) bits of it on at
+    # least one of the m substrings. Probing every table with f flips finds all codes within (f+1)·m - 1, exactly.
+    return {"nhash": max(1, bits // 16), "hash_bits": None, "max_flips": 1}
+
+
 @INDEX_TYPES.register("ivf", help="approximate k-NN over nlist inverted lists, trained on a sample",
                       factory="BIVF{nlist}", faiss_class="IndexBinaryIVF")
 def _ivf_params(bits: int) -> dict[str, Any]:
@@ -46,6 +56,13 @@ def default_params(index_type: str, bits: int, **overrides: Any) -> dict[str, An
         raise ValueError(f"index type {index_type!r} takes no parameter(s) {sorted(unknown)}; "
                          f"it takes {sorted(params) or 'none'}")
     params.update({k: v for k, v in overrides.items() if v is not None})
+    complete = kind.extra.get("complete")
+    if complete is not None:
+        params = complete(params, bits)
+    if index_type == "mih" and int(params["nhash"]) * int(params["hash_bits"]) != bits:
+        raise ValueError(f"index type 'mih': nhash={params['nhash']} tables must split the {bits} bits evenly "
+                         f"(substrings of {bits}/nhash bits, at most 64 each); choose nhash among "
+                         f"{[m for m in range(1, bits + 1) if bits % m == 0 and bits // m <= 64]}")
     return params
 
 
@@ -76,3 +93,6 @@ def configure(index, index_type: str, params: dict[str, Any]) -> None:
         index.nprobe = int(params["nprobe"])
     if index_type == "flat":
         index.use_heap = False  # counting k-selection: ~25% faster than the heap for k up to a few hundred
+    if index_type == "mih":
+        index.nflip = 0  # set per radius by the search
+        index.storage.use_heap = False  # its scan fallback

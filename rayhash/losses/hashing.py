@@ -105,12 +105,14 @@ class HashingLoss(nn.Module):
         return kl
 
     def _cross_entropy(self, logits, labels, zero):
+        """Mean CE over the labelled samples (label >= 0), with no data-dependent branch or indexing: no host sync,
+        and a batch whose labels are all -1 still gives the classifier a (zero) gradient, as DDP requires of every
+        parameter on every step."""
         if logits is None or labels is None:
             return zero
-        mask = labels >= 0
-        if not mask.any():
-            return zero
-        return F.cross_entropy(logits[mask], labels[mask], label_smoothing=self.label_smoothing)
+        valid = (labels >= 0).to(logits.dtype)
+        per = F.cross_entropy(logits, labels.clamp_min(0), label_smoothing=self.label_smoothing, reduction="none")
+        return (per * valid).sum() / valid.sum().clamp_min(1.0)
 
     def _target(self, target_distance, embeddings, labels, gather):
         if target_distance is not None:
