@@ -3,6 +3,7 @@ field or key and the fix; or the bad record skipped and counted and the job goin
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -295,3 +296,68 @@ def test_cifar_archive_with_a_pickle_payload_is_refused_and_never_run(tmp_path):
     except ValueError as e:
         assert str(folder / "train") in str(e) and "mkdir" in str(e)
     assert not marker.exists() and not (tmp_path / "ds" / "dataset.json").exists()
+
+
+def _corrupt(path, how: str) -> None:
+    """A shard damaged after conversion: a header overwritten mid-tar, cut in half, emptied, or replaced."""
+    import tarfile
+
+    data = path.read_bytes()
+    if how == "header mid-tar":
+        with tarfile.open(path) as t:
+            offset = t.getmembers()[len(t.getmembers()) // 2].offset
+        data = data[:offset] + b"\xff" * 100 + data[offset + 100:]
+    elif how == "truncated":
+        data = data[: len(data) // 2]
+    elif how == "empty":
+        data = b""
+    else:
+        data = np.random.default_rng(0).integers(0, 256, len(data), dtype=np.uint8).tobytes()
+    path.write_bytes(data)
+
+
+@pytest.mark.parametrize("how", ["header mid-tar", "truncated", "empty", "garbage"])
+def test_changed_shard_is_refused_before_training_naming_it_and_the_fix(tmp_path, data_synthetic_small,
+                                                                       train_tiny_config, how):
+    """Refused up front by dataset.json's sha256, not skipped: a corrupt header mid-tar ends the read silently
+    (samples lost without a count) and a truncated tar fails the read task (using up training's restarts)."""
+    import shutil
+
+    from rayhash.data import convert
+    from rayhash.train import train
+
+    ds = tmp_path / "ds"
+    shutil.copytree(data_synthetic_small, ds)
+    shard = ds / "train" / "train-000001.tar"
+    _corrupt(shard, how)
+    try:
+        train(train_tiny_config(str(ds), "train.epochs=1"), str(tmp_path / "run"))
+        raise AssertionError("training started on a changed shard")
+    except ValueError as e:
+        msg = str(e)
+    assert str(shard) in msg and "1 of 4 shard(s)" in msg and "train-000001.json" in msg, msg
+    assert not (tmp_path / "run" / "ray").exists()  # refused before Ray Train started
+    (ds / "_progress" / "train-000001.json").unlink()  # the fix the message names
+    convert("synthetic", None, str(ds), superclasses=4, classes_per_superclass=4, image_size=32,
+            per_class={"train": 30, "test": 10}, shard_size=128)
+    assert shard.read_bytes() == (data_synthetic_small / "train" / "train-000001.tar").read_bytes()
+
+
+def test_encode_refuses_a_changed_shard_or_counts_what_it_lost(tmp_path, data_synthetic_small, index_tiny_checkpoint):
+    """Encode checks its input tars against dataset.json first; with --no-verify, the samples a corrupt tar loses
+    are counted as skipped (expected count minus codes received), and the rest is encoded."""
+    import shutil
+
+    from rayhash.encode import encode_dataset
+
+    ds = tmp_path / "ds"
+    shutil.copytree(data_synthetic_small, ds)
+    _corrupt(ds / "test" / "test-000000.tar", "header mid-tar")
+    try:
+        encode_dataset(index_tiny_checkpoint, str(ds / "test"), str(tmp_path / "codes"))
+        raise AssertionError("encoded a changed shard")
+    except ValueError as e:
+        assert "test-000000.tar" in str(e) and "--no-verify" in str(e)
+    summary = encode_dataset(index_tiny_checkpoint, str(ds / "test"), str(tmp_path / "codes2"), verify=False)
+    total = sum(s["count"] for s in json.loads((ds / "dataset.json").read_text())["splits"]["test"]["shards"])
+    assert summary["skipped_corrupt"] > 0 and summary["count"] + summary["skipped_corrupt"] == total

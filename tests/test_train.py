@@ -163,12 +163,12 @@ def test_validation_split_falls_back_to_the_one_that_exists(configured, splits, 
     from types import SimpleNamespace
 
     from rayhash.config import DataConfig
-    from rayhash.train.driver import _validation_source
+    from rayhash.train.driver import _validation_split
 
     d = DataConfig(path="/data/ds", val_split=configured)
     info = SimpleNamespace(splits={s: {} for s in splits})
     with caplog.at_level("WARNING", logger="rayhash"):
-        got = _validation_source(d, info)
-    assert got == (f"/data/ds/{expected}" if expected else None)
+        got = _validation_split(d, info)
+    assert got == expected
     if configured and configured not in splits:
         assert configured in caplog.text and ("instead" in caplog.text or "without validation" in caplog.text)

@@ -45,6 +45,16 @@ class DatasetInfo:
             raise ValueError(f"{self.dir.info}: no split {split!r} (have: {sorted(self.splits)})")
         return [self.dir.member(s["file"], INFO) for s in self.splits[split]["shards"]]
 
+    def verify(self, split: str, address: str | None = None) -> None:
+        """Check every shard of ``split`` against the sha256 that ``rayhash data convert`` recorded; see
+        :func:`verify_shards`."""
+        shards = self.splits[split]["shards"] if split in self.splits else []
+        urls = self.shard_paths(split)
+        markers = {u: self.dir.progress(split, int(s["file"].rsplit("-", 1)[1].split(".")[0]))
+                   for u, s in zip(urls, shards)}
+        verify_shards([(u, s["sha256"]) for u, s in zip(urls, shards) if "sha256" in s], self.dir.info,
+                      markers, address)
+
     def count(self, split: str, classes: Sequence[int] | None = None) -> int:
         """Samples in ``split``; with ``classes``, only those with one of these labels."""
         entry = self.splits[split]
@@ -84,6 +94,44 @@ class DatasetInfo:
             raise ValueError(f"{self.root}: dataset {self.name!r} ({self.kind}) has no class hierarchy; "
                              "caption datasets take their similarity from caption embeddings")
         return np.asarray(h.similarity_matrix(self.hierarchy_leaves()), dtype=np.float32)
+
+
+def verify_shards(expected: list[tuple[str, str]], info_path: str, markers: dict[str, str] | None = None,
+                  address: str | None = None) -> None:
+    """Stream every shard (one Ray task each) and compare its sha256 with the one ``dataset.json`` records: a
+    shard changed after conversion (truncated, corrupt, replaced, missing) is refused up front, naming each one
+    and the fix, before any job reads it. Why refuse rather than skip: a tar with a corrupt header mid-way ends
+    the read silently and a truncated one fails the read task, so a job on it would lose samples without a count,
+    or use up its restarts on a fault that no restart cures."""
+    import ray
+
+    from rayhash.runtime import init_ray
+
+    if not expected:
+        return
+    init_ray(address)
+    task = ray.remote(num_cpus=1)(_sha256_or_error)
+    got = ray.get([task.remote(u) for u, _ in expected])
+    bad = [(u, want, g) for (u, want), g in zip(expected, got) if g != want]
+    if not bad:
+        return
+    shown = "; ".join(f"{u} ({g if g.startswith('unreadable') else 'sha256 ' + g[:12] + '…'}, recorded "
+                      f"{want[:12]}…)" for u, want, g in bad[:5])
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    marks = [markers[u] for u, _, _ in bad if markers and u in markers]
+    delete = f"Delete its done-marker ({', '.join(marks[:3])}{', ...' if len(marks) > 3 else ''}) and " if marks else ""
+    raise ValueError(
+        f"{info_path}: {len(bad)} of {len(expected)} shard(s) differ from what `rayhash data convert` recorded: "
+        f"{shown}{more}. A shard changed after conversion is truncated, corrupt or replaced; reading it would "
+        f"silently lose samples. {delete}re-run the same `rayhash data convert` command (it rewrites just those "
+        "shards), or restore the files; data.verify_shards=false (encode: --no-verify) skips this check")
+
+
+def _sha256_or_error(url: str) -> str:
+    try:
+        return storage.sha256_file(url)
+    except (OSError, ValueError) as e:
+        return f"unreadable: {type(e).__name__}"
 
 
 def load_dataset_info(ds_dir: str | os.PathLike) -> DatasetInfo:

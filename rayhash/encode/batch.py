@@ -76,9 +76,11 @@ def _read_record(url: str) -> tuple[int, str]:
     return len(keys), reader.sha.hexdigest()
 
 
-def _shard_records(data: str | Sequence[str], urls: list[str]) -> list[tuple[int, str]]:
-    """(samples, sha256) per input tar: from ``dataset.json`` when it lists the tar, else read from the tar itself."""
+def _shard_records(data: str | Sequence[str], urls: list[str]) -> tuple[list[tuple[int, str]], str | None]:
+    """(samples, sha256) per input tar: from ``dataset.json`` when it lists the tar, else read from the tar itself;
+    and the path of that ``dataset.json`` (None when it lists none of them)."""
     known: dict[str, tuple[int, str]] = {}
+    info_path = None
     if isinstance(data, (str, os.PathLike)):
         from rayhash.data import load_dataset_info
 
@@ -86,9 +88,11 @@ def _shard_records(data: str | Sequence[str], urls: list[str]) -> list[tuple[int
             info = load_dataset_info(str(data))
             known = {storage.join(info.root, s["file"]): (int(s["count"]), s["sha256"])
                      for split in info.splits.values() for s in split["shards"] if "count" in s and "sha256" in s}
+            info_path = str(info.dir.info)
         except (FileNotFoundError, ValueError):
             pass
-    return [known[u] if u in known else _read_record(u) for u in urls]
+    described = [u for u in urls if u in known]
+    return [known[u] if u in known else _read_record(u) for u in urls], (info_path if described else None)
 
 
 def _existing_meta(path: str) -> dict[bytes, bytes]:
@@ -110,21 +114,23 @@ def _reusable(path: str, source_sha: str, bits: int, digest: str) -> int | None:
 
 def encode_dataset(checkpoint: str | os.PathLike, data: str | os.PathLike | Sequence[str], out: str | os.PathLike,
                    *, batch_size: int = 256, concurrency: int | None = None, num_gpus: float | None = None,
-                   address: str | None = None) -> dict[str, Any]:
+                   address: str | None = None, verify: bool = True) -> dict[str, Any]:
     """Encode a split's shards into ``OUT/codes-%05d.parquet`` (one per input tar) + ``OUT/codes.json``.
 
     Ray Data actor pool of ``concurrency`` encoders (default: one per GPU, else up to 4 CPU actors leaving a CPU
     for reading), ``num_gpus`` per actor (default 1 when the cluster has GPUs, else 0). Resumable: outputs present from an earlier run are kept.
+    ``verify``: input tars that ``dataset.json`` describes are checked against its sha256 first (a changed tar is
+    refused, naming it); without it, samples lost to a corrupt tar are counted as skipped.
     Returns the ``codes.json`` summary (bits, checkpoint, per-shard counts, skipped corrupt samples) plus
     ``timing`` (seconds in all, seconds to the first encoded batch, rows encoded by this call).
     """
     codes = CodesDir(storage.absolute(out))
     with codes.lease("encode"):  # a second encode into the same folder is refused while this one runs
-        return _encode(storage.absolute(checkpoint), data, codes, batch_size, concurrency, num_gpus, address)
+        return _encode(storage.absolute(checkpoint), data, codes, batch_size, concurrency, num_gpus, address, verify)
 
 
 def _encode(checkpoint: str, data, codes: CodesDir, batch_size: int, concurrency: int | None, num_gpus: float | None,
-            address: str | None) -> dict[str, Any]:
+            address: str | None, verify: bool) -> dict[str, Any]:
     import time
 
     from rayhash.data import read_shards, shard_urls
@@ -136,13 +142,17 @@ def _encode(checkpoint: str, data, codes: CodesDir, batch_size: int, concurrency
     bits, image_size = loaded.bits, loaded.image_size
     urls = shard_urls(data if isinstance(data, (str, os.PathLike)) else list(data))
     outputs = [codes.shard(i) for i in range(len(urls))]
-    records = _shard_records(data, urls)
+    records, info_path = _shard_records(data, urls)
     present = [i for i, o in enumerate(outputs) if storage.finished(o)]
     skipped = {i: n for i in present if (n := _reusable(outputs[i], records[i][1], bits, loaded.digest)) is not None}
     if len(skipped) < len(present):
         log.warning("encode: %d output(s) in %s were made by other weights or from other input bytes; encoding them "
                     "again", len(present) - len(skipped), out)
     todo = [i for i in range(len(urls)) if i not in skipped]
+    if verify and info_path and todo:  # tars that dataset.json describes: refused up front when changed since
+        from rayhash.data.info import verify_shards
+
+        verify_shards([(urls[i], records[i][1]) for i in todo], info_path, address=address)
     log.info("encode: %d input shard(s), %d already done, %d to encode -> %s", len(urls), len(skipped), len(todo), out)
     storage.makedirs(out)
     storage.remove_staging(out, "codes-")  # left by a killed run

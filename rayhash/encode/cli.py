@@ -19,9 +19,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="dataset split folder DS/<split>, or .tar shard(s)", nargs="+")
     p.add_argument("--out", required=True, help="output folder for code shards (local path or s3:// gs:// URI)")
     p.add_argument("--batch-size", type=positive_int, default=256, help="images per encoder call (default: 256)")
-    p.add_argument("--concurrency", type=positive_int, help="encoder actors (default: one per GPU, else up to 4 CPU actors, leaving "
-                   "one CPU for reading)")
-    p.add_argument("--num-gpus", type=nonnegative_float, help="GPUs per encoder actor (default: 1 if the cluster has GPUs)")
+    p.add_argument("--concurrency", type=positive_int,
+                   help="encoder actors (default: one per GPU, else up to 4 CPU actors, leaving one CPU for reading)")
+    p.add_argument("--num-gpus", type=nonnegative_float,
+                   help="GPUs per encoder actor (default: 1 if the cluster has GPUs)")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="do not check input tars against dataset.json's sha256 first (samples lost to a corrupt "
+                        "tar are then counted as skipped)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     p.set_defaults(func=_encode)
 
@@ -31,7 +35,7 @@ def _encode(args: argparse.Namespace) -> int:
 
     data = args.data[0] if len(args.data) == 1 else args.data
     s = encode_dataset(args.checkpoint, data, args.out, batch_size=args.batch_size, concurrency=args.concurrency,
-                       num_gpus=args.num_gpus, address=args.address)
+                       num_gpus=args.num_gpus, address=args.address, verify=args.verify)
     print(f"{args.out}: {s['count']} codes ({s['bits']} bits) in {len(s['shards'])} shard(s); "
           f"{s['skipped_corrupt']} corrupt sample(s) skipped")
     return 0

@@ -98,6 +98,11 @@ def _fit(config: RunConfig, run: RunDir, store: str, address: str | None) -> Tra
     steps = plan_steps(config, info.count(d.train_split, d.train_classes))
 
     init_ray(address)
+    val_split = _validation_split(d, info)
+    val_source = DatasetDir(d.path).split(val_split) if val_split else None
+    if d.verify_shards:  # before any worker starts: a corrupt shard is refused up front, naming it
+        for split in [d.train_split] + ([val_split] if val_split else []):
+            info.verify(split)
     use_gpu = cluster_has_gpus() if config.train.use_gpu == "auto" else bool(config.train.use_gpu)
     check_cpu_headroom(config.train, address)
     columns = ["image", "label"] + (["target"] if d.targets == "captions" else [])
@@ -105,7 +110,6 @@ def _fit(config: RunConfig, run: RunDir, store: str, address: str | None) -> Tra
                      seed=config.train.seed, caption_embeddings=caption_embeddings if d.targets == "captions" else None,
                      classes=d.train_classes, num_classes=num_classes)
     ds = ds.select_columns(columns).limit(steps * config.train.batch_size)
-    val_source = _validation_source(d, info)
     storage.makedirs(out)
     loop_cfg = {
         "config": config.model_dump(), "num_classes": num_classes, "steps_per_epoch": steps,
@@ -169,7 +173,7 @@ def _finished_run(config: RunConfig, out: str) -> TrainResult | None:
     return TrainResult(checkpoint=str(run.final), metrics=_read_history(run.metrics))
 
 
-def _validation_source(d, info) -> str | None:
+def _validation_split(d, info) -> str | None:
     """The split validated on: ``data.val_split``, or, when the dataset has no such split, the first of
     val / validation / test that it has (a Tiny-ImageNet layout has ``val``), said at the start."""
     if not d.val_split:
@@ -184,7 +188,7 @@ def _validation_source(d, info) -> str | None:
         log.warning("data.val_split %r not in %s (splits: %s): validating on %r instead (set data.val_split to "
                     "choose)", split, d.path, sorted(info.splits), found[0])
         split = found[0]
-    return DatasetDir(d.path).split(split)
+    return split
 
 
 def _entry(loop_cfg: dict) -> list[dict]:
