@@ -246,3 +246,22 @@ def test_cross_entropy_over_labelled_samples_without_branching():
     none.backward()
     assert float(terms["ce"]) == 0.0
     assert head.weight.grad is not None and float(head.weight.grad.abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("form", ["relative", "softmax"])
+def test_hashing_loss_compiles_as_one_graph(form):
+    """No data-dependent branch, boolean indexing or host sync in the loss: torch.compile(fullgraph=True) traces
+    it whole (a graph break raises here) and gives the eager value, with unlabelled samples in the batch."""
+    S = torch.eye(5) * 0.5 + 0.5
+    loss = HashingLoss(alpha=1.0, beta=0.5, similarity=S, sim_form=form)
+    z = torch.tanh(torch.randn(12, 16, generator=torch.Generator().manual_seed(0)))
+    logits = torch.randn(12, 5, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 1, 2, -1, 4, 0, 1, 2, -1, 3, 3, 4])
+    torch.manual_seed(2)  # L_KL's target samples come from the global generator here (dynamo traces no Generator)
+    eager, _ = loss(z, logits, labels=labels)
+    compiled = torch.compile(loss, fullgraph=True, backend="eager")
+    torch.manual_seed(2)
+    got, _ = compiled(z, logits, labels=labels)
+    assert torch.allclose(got, eager, atol=1e-6)
+    none, _ = compiled(z, logits, labels=torch.full((12,), -1))
+    assert torch.isfinite(none)

@@ -323,6 +323,29 @@ class ShardGroup:
         offsets = np.cumsum([0] + [s.ntotal for s in shards])
         for s, a in zip(shards, offsets):  # the group's sorted tables replace the shards' own copies
             s.rank, s.stride, s.keys, s.labels = rank[a:a + s.ntotal], self.stride, None, None
+        self.shards = self._merge_flat(shards)
+        if len(self.shards) == 1 and self._pool is not None:  # one index: FAISS's own threads do the work
+            self._pool.shutdown()
+            self._pool, self.threads = None, 1
+
+    @staticmethod
+    def _merge_flat(shards: list[Shard]) -> list[Shard]:
+        """CPU flat shards become one FAISS index over all their codes (in shard order, ranks kept): one search call
+        per batch instead of one per shard plus a merge, so a group is as fast as a single IndexBinaryFlat at every
+        size (FAISS parallelises over queries itself). Other types, and GPU shards, stay as they are."""
+        import faiss
+
+        if len(shards) < 2 or any(s.index_type != "flat" or s.gpu_index is not None for s in shards):
+            return shards
+        d = shards[0].index.d
+        merged = faiss.IndexBinaryFlat(d)
+        for s in shards:
+            merged.add(faiss.vector_to_array(s.index.xb).reshape(s.ntotal, d // 8))
+            s.index = s.scan = None  # release the shard's own copy as soon as it is in the merged index
+        one = Shard(f"{shards[0].name}..{shards[-1].name}", merged, np.empty(0, str), np.empty(0, np.int32), "flat",
+                    shards[0].params, use_gpu=False)
+        one.rank, one.stride = np.concatenate([s.rank for s in shards]), shards[0].stride
+        return [one]
 
     @classmethod
     def load(cls, index_dir: str, entries: list[dict], manifest: dict, threads: int | None = None,

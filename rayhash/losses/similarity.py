@@ -36,16 +36,20 @@ def relative_similarity_loss(z: torch.Tensor, target_distance: torch.Tensor, for
     n = z.shape[0]
     h = code_distance(z)
     t = target_distance.to(h.dtype)
+    # Pairs enter as weights, never by boolean indexing or a branch on their count: no host sync, one graph
+    # (torch.compile fullgraph), and a batch without any labelled pair gives 0 with a (zero) gradient.
     valid = ~torch.eye(n, dtype=torch.bool, device=z.device) & ~torch.isnan(t)
-    if not valid.any():
-        return h.sum() * 0.0
+    w = valid.to(h.dtype)
     t = torch.nan_to_num(t, nan=0.0)
     if form == "relative":
-        hv, tv = h[valid], t[valid]
-        return ((hv / hv.mean().clamp_min(eps) - tv / tv.mean().clamp_min(eps)) ** 2).mean()
+        count = w.sum().clamp_min(1.0)
+        hm, tm = (h * w).sum() / count, (t * w).sum() / count
+        return (((h / hm.clamp_min(eps) - t / tm.clamp_min(eps)) ** 2) * w).sum() / count
     if form == "softmax":
-        rows, v = valid.any(dim=1), valid[valid.any(dim=1)]
-        logq = (-h / tau).masked_fill(~valid, float("-inf")).log_softmax(dim=1)[rows].masked_fill(~v, 0.0)
-        logp = (-t / tau).masked_fill(~valid, float("-inf")).log_softmax(dim=1)[rows].masked_fill(~v, 0.0)
-        return (logp.exp() * v * (logp - logq)).sum(dim=1).mean()
+        rows = w.amax(dim=1)  # 1 for anchors with at least one valid pair
+        low = torch.finfo(h.dtype).min  # masked logits: exp() is exactly 0, and a row with none stays finite
+        logq = (-h / tau).masked_fill(~valid, low).log_softmax(dim=1)
+        logp = (-t / tau).masked_fill(~valid, low).log_softmax(dim=1)
+        per_anchor = (logp.exp() * w * (logp - logq)).sum(dim=1)
+        return (per_anchor * rows).sum() / rows.sum().clamp_min(1.0)
     raise ValueError(f"unknown similarity loss form {form!r}; use 'relative' or 'softmax'")
