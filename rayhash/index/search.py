@@ -251,28 +251,24 @@ class Shard:
     def _scan_search(self, q: np.ndarray, k: int) -> np.ndarray:
         kk = min(self.ntotal, self.overfetch * k + 8)
         d, i = self._faiss_search(q, kk)
-        dd, ii = d, i
-        extra: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        rows = np.arange(len(q))
-        while True:
-            # the tie group at the k-th distance may continue past the kk-th hit: ask again with 2*kk
-            more = (kk < self.ntotal) & (i[:, -1] >= 0) & (d[:, -1] == d[:, min(k, kk) - 1])
-            rows = rows[more]
-            if not len(rows):
-                break
-            if not extra and len(rows) > len(q) // 32 and self.overfetch < 64:
-                self.overfetch *= 2  # re-asking costs a scan: over-fetch more from the next call on
-            kk = min(self.ntotal, 2 * kk)
-            d, i = self._faiss_search(q[rows], kk)
-            extra.update({int(r): (d[j], i[j]) for j, r in enumerate(rows)})
-        if extra:
-            pad = ((0, 0), (0, kk - dd.shape[1]))
-            dd, ii = np.pad(dd, pad), np.pad(ii, pad, constant_values=-1)
-            for r, (dr, ir) in extra.items():
-                dd[r, :len(dr)], ii[r, :len(ir)] = dr, ir
-        valid = ii >= 0
-        c = np.where(valid, dd.astype(np.int64) * self.stride + self.rank[np.where(valid, ii, 0)], _EMPTY)
-        return smallest(c, k)
+        valid = i >= 0
+        top = smallest(np.where(valid, d.astype(np.int64) * self.stride + self.rank[np.where(valid, i, 0)], _EMPTY), k)
+        # The tie group at the k-th distance may continue past the kk-th hit. Those rows take everything within
+        # their k-th distance from one range search (one more scan, however long the tie group) and their top-k
+        # by (distance, key) from it.
+        rows = np.flatnonzero((kk < self.ntotal) & (i[:, -1] >= 0) & (d[:, -1] == d[:, min(k, kk) - 1]))
+        if len(rows):
+            if len(rows) > len(q) // 32 and self.overfetch < 64:
+                self.overfetch *= 2  # fewer rows need the extra scan next time
+            kth = d[rows, k - 1].astype(np.int64)
+            lims, rd, ri = self.scan.range_search(q[rows], int(kth.max()) + 1)  # faiss: strictly below
+            qid = np.repeat(np.arange(len(rows)), np.diff(lims.astype(np.int64)))
+            keep = rd <= kth[qid]
+            qid, c = qid[keep], rd[keep].astype(np.int64) * self.stride + self.rank[ri[keep]]
+            order = np.lexsort((c, qid))
+            qid, c = qid[order], c[order]
+            top[rows] = c[np.searchsorted(qid, np.arange(len(rows)))[:, None] + np.arange(k)]
+        return top
 
     def range_search(self, q: np.ndarray, radius: int) -> tuple[np.ndarray, ...]:
         """All codes with distance <= radius: ``(qid, distances, ranks)`` (unsorted).
