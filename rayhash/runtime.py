@@ -98,10 +98,29 @@ def bf16_supported(device) -> bool:
 
 
 def cluster_has_gpus() -> bool:
-    """True when the connected Ray cluster advertises GPUs."""
+    """True when the connected Ray cluster has GPUs now, or can have them: an autoscaling cluster whose GPU groups
+    start at zero nodes advertises none until something asks for one, so the autoscaler's maximum resources (its
+    cluster config, as Ray Train reads them) count too."""
+    return cluster_gpus() > 0
+
+
+def cluster_gpus() -> float:
+    """GPUs the connected cluster has now or, autoscaling, at most (0 when not connected)."""
     import ray
 
-    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    if not ray.is_initialized():
+        return 0.0
+    return float(max(ray.cluster_resources().get("GPU", 0), _max_cluster_resources().get("GPU", 0)))
+
+
+def _max_cluster_resources() -> dict:
+    """The most of each resource the autoscaler may add ({} without an autoscaler config)."""
+    try:
+        from ray._private.state import state
+
+        return state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # no autoscaler, or a Ray without this internal API: decide by what is present
+        return {}
 
 
 def require_cpu_headroom(need: float, what: str, fix: str, address: str | None = None) -> None:

@@ -163,3 +163,20 @@ def test_gpu_check_runs_its_checks_on_cpu_and_refuses_without_a_gpu():
     bare = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py")], capture_output=True,
                           text=True, timeout=300)
     assert bare.returncode == 2 and "no NVIDIA GPU is visible" in bare.stderr
+
+
+def test_autoscaling_gpu_groups_count_as_gpus(ray_local, monkeypatch):
+    """The shipped clusters start their GPU groups at zero nodes: no GPU is present until something asks for one.
+    `use_gpu: auto` and the GPU defaults must read the autoscaler's maximum resources (Ray's cluster config, as Ray
+    Train does) or they never ask. The autoscaler's cluster config is cloud infrastructure that this machine lacks:
+    Ray's accessor is replaced by what a launcher cluster with a 0..4-node GPU group reports."""
+    from ray._private.state import state
+
+    from rayhash import runtime
+
+    assert ray_local.cluster_resources().get("GPU", 0) == 0
+    assert runtime.cluster_has_gpus() is False and runtime.cluster_gpus() == 0
+    monkeypatch.setattr(state, "get_max_resources_from_cluster_config", lambda: {"CPU": 66, "GPU": 4})
+    assert runtime.cluster_has_gpus() is True and runtime.cluster_gpus() == 4
+    monkeypatch.setattr(state, "get_max_resources_from_cluster_config", lambda: None)  # no autoscaler
+    assert runtime.cluster_has_gpus() is False

@@ -212,7 +212,7 @@ def embed_captions(ds_dir: str, out_parquet: str | None = None, model=None, *, b
 def _embed(info, out: str, model, batch_size: int, concurrency: int | None) -> str:
     import ray
 
-    from rayhash.runtime import cluster_has_gpus
+    from rayhash.runtime import cluster_gpus, cluster_has_gpus
 
     _remove_own_output(out)
     init_ray()
@@ -220,7 +220,7 @@ def _embed(info, out: str, model, batch_size: int, concurrency: int | None) -> s
     gpus = cluster_has_gpus()
     ds = ray.data.read_webdataset(urls, decoder=None, fileselect=["*.json", "*.txt"], suffixes=["json", "txt"])
     ds = ds.map_batches(_captions_of, batch_format="pyarrow")
-    size = concurrency or (int(ray.cluster_resources().get("GPU", 1)) if gpus else 1)
+    size = concurrency or (max(1, int(cluster_gpus())) if gpus else 1)
     ds = ds.map_batches(CaptionEmbedder, fn_constructor_kwargs={"model": model}, batch_size=batch_size,
                         batch_format="numpy", num_gpus=1 if gpus else 0,
                         compute=ray.data.ActorPoolStrategy(size=size))

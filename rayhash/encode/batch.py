@@ -135,7 +135,7 @@ def _encode(checkpoint: str, data, codes: CodesDir, batch_size: int, concurrency
 
     from rayhash.data import read_shards, shard_urls
     from rayhash.model import load_checkpoint
-    from rayhash.runtime import cluster_has_gpus, init_ray, require_cpu_headroom
+    from rayhash.runtime import cluster_gpus, cluster_has_gpus, init_ray, require_cpu_headroom
 
     out = codes.path
     loaded = load_checkpoint(checkpoint)
@@ -166,7 +166,7 @@ def _encode(checkpoint: str, data, codes: CodesDir, batch_size: int, concurrency
 
             # CPU actors leave one CPU for the shard-reading tasks, or the pipeline starves on small machines
             cpus = int(ray.cluster_resources().get("CPU", 1))
-            concurrency = max(1, int(ray.cluster_resources().get("GPU", 0))) if num_gpus else max(1, min(4, cpus - 1))
+            concurrency = max(1, int(cluster_gpus())) if num_gpus else max(1, min(4, cpus - 1))
             concurrency = min(concurrency, len(todo))  # more actors than input tars would sit idle
         if not num_gpus:
             require_cpu_headroom(concurrency, "encode concurrency (CPU encoder actors, 1 CPU each)",

@@ -114,14 +114,12 @@ class ShardedIndex:
             group = ShardGroup.load(path, manifest["shards"], manifest, threads=threads, **load_kwargs)
             index = cls(path, manifest, mode, group=group, checkpoint=checkpoint)
         elif mode == "ray":
-            import ray
-
-            from rayhash.runtime import cluster_has_gpus, init_ray
+            from rayhash.runtime import cluster_gpus, cluster_has_gpus, init_ray
 
             init_ray(address)
             groups = plan_groups(manifest["shards"], manifest["bits"], actors, actor_memory)
             if actor_gpus is None:  # one GPU per group, or an equal share when there are more groups than GPUs
-                gpus = ray.cluster_resources().get("GPU", 0)
+                gpus = cluster_gpus()
                 share = min(1.0, math.floor(gpus / len(groups) * 1e4) / 1e4)  # Ray counts GPUs in 1e-4 units
                 actor_gpus = share if use_gpu and manifest["index_type"] == "flat" and cluster_has_gpus() else 0
             handles = _start_actors(path, manifest, groups, {**load_kwargs, "threads": threads},
