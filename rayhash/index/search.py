@@ -157,6 +157,7 @@ class Shard:
         self.rank = np.arange(self.ntotal, dtype=np.int64)
         self.stride = self.ntotal + 1
         self.overfetch = 2  # first FAISS call asks for overfetch*k+8; doubled while ties often run past that
+        self.key_ordered = False  # ids in key order (see ShardGroup._merge_flat): FAISS's top-k is exact as it is
         configure(index, index_type, params)
         self.scan = index.storage if index_type == "mih" else index  # what a k-NN scan searches
         self.gpu_index = None
@@ -249,6 +250,11 @@ class Shard:
         return out
 
     def _scan_search(self, q: np.ndarray, k: int) -> np.ndarray:
+        if self.key_ordered and self.gpu_index is None:
+            d, i = self.scan.search(q, min(k, self.ntotal))
+            valid = i >= 0
+            return smallest(np.where(valid, d.astype(np.int64) * self.stride + self.rank[np.where(valid, i, 0)],
+                                     _EMPTY), k)
         kk = min(self.ntotal, self.overfetch * k + 8)
         d, i = self._faiss_search(q, kk)
         valid = i >= 0
@@ -326,21 +332,27 @@ class ShardGroup:
 
     @staticmethod
     def _merge_flat(shards: list[Shard]) -> list[Shard]:
-        """CPU flat shards become one FAISS index over all their codes (in shard order, ranks kept): one search call
-        per batch instead of one per shard plus a merge, so a group is as fast as a single IndexBinaryFlat at every
-        size (FAISS parallelises over queries itself). Other types, and GPU shards, stay as they are."""
+        """CPU flat shards become one FAISS index over all their codes, in key order: one search call per batch
+        instead of one per shard plus a merge (FAISS parallelises over queries itself), and FAISS's counting
+        k-selection keeps the lowest ids among equal distances, which in key order are the lowest keys, so its top-k
+        is already the exact top-k by (distance, key): no over-fetch, no second scan for ties. A group is then as
+        fast as a single IndexBinaryFlat at every size. Other types, and GPU shards, stay as they are."""
         import faiss
 
-        if len(shards) < 2 or any(s.index_type != "flat" or s.gpu_index is not None for s in shards):
+        if not shards or any(s.index_type != "flat" or s.gpu_index is not None for s in shards):
             return shards
         d = shards[0].index.d
-        merged = faiss.IndexBinaryFlat(d)
+        codes = np.concatenate([faiss.vector_to_array(s.index.xb).reshape(s.ntotal, d // 8) for s in shards])
+        rank = np.concatenate([s.rank for s in shards])
         for s in shards:
-            merged.add(faiss.vector_to_array(s.index.xb).reshape(s.ntotal, d // 8))
-            s.index = s.scan = None  # release the shard's own copy as soon as it is in the merged index
+            s.index = s.scan = None  # the shards' own copies go as the merged index is built
+        order = np.argsort(rank, kind="stable")
+        merged = faiss.IndexBinaryFlat(d)
+        merged.add(np.ascontiguousarray(codes[order]))
+        del codes
         one = Shard(f"{shards[0].name}..{shards[-1].name}", merged, np.empty(0, str), np.empty(0, np.int32), "flat",
                     shards[0].params, use_gpu=False)
-        one.rank, one.stride = np.concatenate([s.rank for s in shards]), shards[0].stride
+        one.rank, one.stride, one.key_ordered = rank[order], shards[0].stride, True
         return [one]
 
     @classmethod
