@@ -7,6 +7,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,7 @@ def test_launcher_yaml_validates_against_ray_schema(rel):
     assert head["resources"] == {"CPU": 0}  # CPU head runs drivers only
     gpu = [t for name, t in types.items() if "gpu" in name]
     assert len(gpu) == 1 and gpu[0]["min_workers"] < gpu[0]["max_workers"]  # autoscaling GPU group
-    assert any("faiss-gpu" in c for c in gpu[0]["worker_setup_commands"])
+    assert any("uninstall -y faiss-cpu" in c and "rayhash[cloud,gpu]" in c for c in gpu[0]["worker_setup_commands"])
     starts = " ".join(config["head_start_ray_commands"] + config["worker_start_ray_commands"])
     assert starts.count("RAY_AUTH_MODE=token") == 2
     assert "--dashboard-host=127.0.0.1" in starts  # Jobs API only through an SSH tunnel
@@ -138,3 +139,25 @@ def test_local_sh_refuses_a_state_folder_others_can_write(tmp_path):
                        env={**env, "RAYHASH_LOCAL_DIR": str(link)}, timeout=120)
     assert r.returncode == 1 and "not a folder owned by you" in r.stderr
     assert not any(planted.iterdir())  # nothing written into it
+
+
+def test_faiss_packages_are_exclusive_extras_and_both_installed_is_refused(tmp_path):
+    """faiss-cpu and faiss-gpu-cu12 write the same `faiss` module: the base install names neither, each extra names
+    exactly one, and an environment holding both is refused by name (what pip's metadata on sys.path shows)."""
+    import tomllib
+
+    project = tomllib.loads((CLUSTER.parent / "pyproject.toml").read_text())["project"]
+    faiss_of = lambda deps: [d for d in deps if d.startswith("faiss")]  # noqa: E731
+    assert faiss_of(project["dependencies"]) == []
+    extras = project["optional-dependencies"]
+    assert [re.split(r"[<>=]", d)[0] for d in faiss_of(extras["cpu"])] == ["faiss-cpu"]
+    assert [re.split(r"[<>=]", d)[0] for d in faiss_of(extras["gpu"])] == ["faiss-gpu-cu12"]
+    site = tmp_path / "site" / "faiss_gpu_cu12-1.14.1.post1.dist-info"
+    site.mkdir(parents=True)
+    (site / "METADATA").write_text("Metadata-Version: 2.1\nName: faiss-gpu-cu12\nVersion: 1.14.1.post1\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(CLUSTER.parent)])}
+    r = subprocess.run([sys.executable, "-c", "import rayhash.index"], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 1 and "faiss-cpu and faiss-gpu-cu12 are both installed" in r.stderr, r.stderr[-2000:]
+    assert subprocess.run([sys.executable, "-c", "import rayhash.index"], capture_output=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(CLUSTER.parent)}).returncode == 0

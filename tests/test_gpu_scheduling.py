@@ -90,12 +90,15 @@ def test_gpu_defaults_schedule_on_gpu_node_and_match_cpu(data_cifar_small, index
 
 
 def _fake_cuda(monkeypatch, capability=(8, 0)):
-    """A machine with one CUDA GPU, as torch and faiss would report it (the hardware is absent here)."""
+    """A machine with one CUDA GPU, as torch, faiss and the CUDA driver would report it (the hardware is absent)."""
     import faiss
     import torch
 
+    from rayhash.index import search
+
+    assert search.gpu_capability() is None  # no NVIDIA driver here: what the real query gives without a GPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(search, "gpu_capability", lambda device=0: capability)
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
     if not hasattr(faiss, "GpuIndexBinaryFlat"):
         monkeypatch.setattr(faiss, "GpuIndexBinaryFlat", object, raising=False)
@@ -126,17 +129,18 @@ def test_work_given_no_gpu_stays_on_cpu_on_a_gpu_node(ray_local):
         import faiss
         import torch
 
-        saved = torch.cuda.is_available, torch.cuda.get_device_capability, faiss.get_num_gpus
+        from rayhash.index import search
+
+        saved = torch.cuda.is_available, search.gpu_capability, faiss.get_num_gpus
         torch.cuda.is_available = lambda: True  # this worker sees a GPU, as it would on a GPU node
-        torch.cuda.get_device_capability = lambda device=None: (8, 0)
+        search.gpu_capability = lambda device=0: (8, 0)
         faiss.get_num_gpus = lambda: 1
         try:
-            from rayhash.index.search import faiss_gpu_usable
             from rayhash.runtime import ray_gave_no_gpu, torch_device
 
-            return ray_gave_no_gpu(), str(torch_device()), faiss_gpu_usable()
+            return ray_gave_no_gpu(), str(torch_device()), search.faiss_gpu_usable()
         finally:  # Ray reuses this worker process for later tasks
-            torch.cuda.is_available, torch.cuda.get_device_capability, faiss.get_num_gpus = saved
+            torch.cuda.is_available, search.gpu_capability, faiss.get_num_gpus = saved
 
     assert ray.get(choose.remote()) == (True, "cpu", False)
     from rayhash.runtime import ray_gave_no_gpu

@@ -10,6 +10,26 @@ index = ShardedIndex.from_codes(read_codes("CODES"))          # the same, exact 
 """
 from __future__ import annotations
 
+
+def _one_faiss() -> None:
+    """faiss-cpu and faiss-gpu-* install the same `faiss` module: with two of them, which one runs is undefined."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    have = []
+    for name in ("faiss-cpu", "faiss-gpu-cu12", "faiss-gpu-cu11", "faiss-gpu"):
+        try:
+            version(name)
+            have.append(name)
+        except PackageNotFoundError:
+            pass
+    if len(have) > 1:
+        raise ImportError(f"{' and '.join(have)} are both installed and overwrite each other's `faiss` module; keep "
+                          f"one: pip uninstall -y {' '.join(have)} && pip install 'rayhash[cpu]' (or 'rayhash[gpu]' "
+                          "on GPU nodes)")
+
+
+_one_faiss()
+
 from rayhash.index.build import build_index, read_manifest
 from rayhash.index.codes import CodeTable, read_code_file, read_codes, write_codes
 from rayhash.index.search import RangeResult, SearchResult

@@ -119,11 +119,8 @@ def faiss_gpu_usable() -> bool:
 
     if ray_gave_no_gpu() or not hasattr(faiss, "GpuIndexBinaryFlat") or faiss.get_num_gpus() == 0:
         return False
-    try:
-        import torch
-
-        cc = tuple(torch.cuda.get_device_capability(0))
-    except Exception:  # no torch CUDA: cannot tell which GPU this is
+    cc = gpu_capability()
+    if cc is None:  # cannot tell which GPU this is
         return False
     if cc > FAISS_GPU_MAX_CAPABILITY and os.environ.get("RAYHASH_FAISS_GPU") != "force":
         log.warning("GPU compute capability %d.%d is newer than the faiss GPU wheel supports (up to %d.%d): "
@@ -131,6 +128,25 @@ def faiss_gpu_usable() -> bool:
                     *FAISS_GPU_MAX_CAPABILITY)
         return False
     return True
+
+
+def gpu_capability(device: int = 0) -> tuple[int, int] | None:
+    """Compute capability of visible GPU ``device`` from the CUDA driver (libcuda), or None. Read through the driver
+    API, not torch: torch's wheel brings its own CUDA runtime (13 for torch 2.14 from PyPI) and faiss-gpu-cu12 brings
+    CUDA 12; an index process imports faiss only, so it never holds two CUDA runtimes."""
+    import ctypes
+
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+        dev, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+        if cuda.cuInit(0) or cuda.cuDeviceGet(ctypes.byref(dev), device):
+            return None
+        if (cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, dev)  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
+                or cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev)):  # ..._MINOR
+            return None
+        return major.value, minor.value
+    except OSError:  # no NVIDIA driver on this machine
+        return None
 
 
 def _gpu_resources():
