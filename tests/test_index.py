@@ -230,6 +230,10 @@ def test_mih_is_exact_k_nn_on_clustered_and_random_codes(tmp_path, mode, ray_loc
             order, dist = brute_topk(queries, codes, keys, min(k, n))
             res = index.search(queries, k)
             assert_same_topk(_first(res, min(k, n)), keys, labels, order, dist)
+        far = queries[10:]  # a batch that probing cannot answer: the next batches scan directly, still exact
+        order, dist = brute_topk(far, codes, keys, 10)
+        for _ in range(3):
+            assert_same_topk(index.search(far, 10), keys, labels, order, dist)
         for radius in (0, 2, 5):
             rr = index.range_search(queries, radius)
             for i in range(len(queries)):

@@ -174,6 +174,7 @@ class Shard:
         self.stride = self.ntotal + 1
         self.overfetch = 2  # first FAISS call asks for overfetch*k+8; doubled while ties often run past that
         self.key_ordered = False  # ids in key order (see ShardGroup._merge_flat): FAISS's top-k is exact as it is
+        self._mih_calls, self._mih_found = 0, 1.0  # mih: batches searched, share answered by probing last time
         configure(index, index_type, params)
         self.scan = index.storage if index_type == "mih" else index  # what a k-NN scan searches
         self.gpu_index = None
@@ -244,8 +245,12 @@ class Shard:
         """Multi-index hashing, exact: probe every table with f = 0, 1, ... ``max_flips`` flips, which finds every code
         within radius r = (f+1)·nhash - 1 of the query; a query with at least k codes within r has its exact top-k
         among them (the k-th nearest is within r, and so is every code tied with it). Queries still short of k
-        after ``max_flips`` are answered by a scan of the shard's codes."""
+        after ``max_flips`` are answered by a scan of the shard's codes. When probing answered under a quarter of
+        the last batch (codes far apart: random ones), batches go straight to the scan, probing again every 8th."""
         m, kk = int(self.params["nhash"]), min(k, self.ntotal)
+        self._mih_calls += 1
+        if self._mih_found < 0.25 and self._mih_calls % 8:  # probing rarely pays off on these codes: scan, and
+            return self._scan_search(q, k)                   # probe again every 8th batch to notice a change
         out = np.full((len(q), k), _EMPTY, np.int64)
         pending = np.arange(len(q))
         for flips in range(int(self.params["max_flips"]) + 1):
@@ -261,6 +266,7 @@ class Shard:
                 starts = np.searchsorted(qs, np.flatnonzero(done))
                 out[pending[done], :kk] = c[starts[:, None] + np.arange(kk)]
             pending = pending[~done]
+        self._mih_found = 1.0 - len(pending) / max(1, len(q))  # share of queries answered by probing
         if len(pending):
             out[pending] = self._scan_search(q[pending], k)
         return out
