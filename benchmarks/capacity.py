@@ -13,7 +13,8 @@ The model, per search method (flat scan; multi-index hashing, ``--type mih``):
   codes (half the latency budget; the other half is left for fan-out, merging and queueing);
 - memory per code: the code (bits/8 bytes), its key and label in the id map (``--id-bytes``, 48 by default for
   keys of ~20 characters), and for multi-index hashing one 8-byte id per hash table (bits/16 tables);
-- nodes have ``--node-cores`` cores and ``--node-memory-gib`` GiB, of which ``--usable`` is given to index actors.
+- nodes have ``--node-cores`` cores and ``--node-memory-gib`` GiB, of which ``--usable`` is given to index actors;
+  cores are planned to be busy at most ``--max-utilisation`` of the time (0.7), so that queries rarely queue.
 
 It prints shards, Ray actors (one per node, holding that node's shards, as ``ShardedIndex.open(mode="ray")`` places
 them), nodes, memory per node and the expected latency for both methods.
@@ -26,7 +27,8 @@ import sys
 
 
 def plan(codes: float, bits: int, qps: float, latency_ms: float, compares_per_core: float, speedup: float,
-         node_cores: int, node_memory_gib: float, usable: float, id_bytes: int, tables: int) -> dict:
+         node_cores: int, node_memory_gib: float, usable: float, id_bytes: int, tables: int,
+         max_utilisation: float = 0.7) -> dict:
     bytes_per_code = bits / 8 + id_bytes + 8 * tables
     memory = codes * bytes_per_code
     per_query_core_s = codes / speedup / compares_per_core  # core-seconds of compares per query
@@ -34,7 +36,7 @@ def plan(codes: float, bits: int, qps: float, latency_ms: float, compares_per_co
     shard_max = max(1.0, latency_ms / 1e3 / 2 * compares_per_core * speedup)  # codes one core scans in time
     shards = max(1, math.ceil(codes / shard_max))
     node_mem = node_memory_gib * 2**30 * usable
-    nodes = max(math.ceil(memory / node_mem), math.ceil(cores_for_rate / node_cores),
+    nodes = max(math.ceil(memory / node_mem), math.ceil(cores_for_rate / (node_cores * max_utilisation)),
                 math.ceil(shards / node_cores / 4))  # at most 4 shards per core, or queries queue behind each other
     shard_codes = codes / shards
     latency = shard_codes / speedup / compares_per_core * 1e3 * max(1.0, shards / (nodes * node_cores))
@@ -58,14 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--node-memory-gib", type=float, default=256.0)
     p.add_argument("--usable", type=float, default=0.7, help="share of node memory for index actors")
     p.add_argument("--id-bytes", type=int, default=48, help="id map bytes per code (key + label, in memory)")
+    p.add_argument("--max-utilisation", type=float, default=0.7, help="planned share of busy core time")
     args = p.parse_args(argv)
     if not 0 < args.codes <= 1e10 or args.bits % 8 or args.qps <= 0 or args.latency_ms <= 0:
         p.error("--codes in (0, 1e10], --bits a multiple of 8, --qps and --latency-ms positive")
     rate = args.compares_per_core * 64 / args.bits
     rows = {"flat": plan(args.codes, args.bits, args.qps, args.latency_ms, rate, 1.0, args.node_cores,
-                         args.node_memory_gib, args.usable, args.id_bytes, 0),
+                         args.node_memory_gib, args.usable, args.id_bytes, 0, args.max_utilisation),
             "mih": plan(args.codes, args.bits, args.qps, args.latency_ms, rate, args.mih_speedup, args.node_cores,
-                        args.node_memory_gib, args.usable, args.id_bytes, max(1, args.bits // 16))}
+                        args.node_memory_gib, args.usable, args.id_bytes, max(1, args.bits // 16),
+                        args.max_utilisation)}
     print(f"{args.codes:.0e} codes of {args.bits} bits, {args.qps:g} queries/s, {args.latency_ms:g} ms target; "
           f"{rate:.2e} compares/s/core, nodes of {args.node_cores} cores / {args.node_memory_gib:g} GiB")
     print(f"{'':<18}" + "".join(f"{name:>14}" for name in rows))

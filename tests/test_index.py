@@ -252,3 +252,23 @@ def test_mih_refuses_tables_that_do_not_split_the_bits():
     with pytest.raises(ValueError, match="nhash=3 tables must split the 64 bits evenly"):
         default_params("mih", 64, nhash=3)
     assert default_params("mih", 128) == {"nhash": 8, "hash_bits": 16, "max_flips": 1}
+
+
+def test_capacity_plan_follows_its_model():
+    """benchmarks/capacity.py: cores grow with the query rate, shards with the corpus over what one core scans in
+    half the latency budget, memory with the code and id-map bytes; multi-index hashing trades memory for cores."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("capacity", os.path.join(os.path.dirname(__file__), "..",
+                                                                           "benchmarks", "capacity.py"))
+    cap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cap)
+    kw = dict(bits=64, latency_ms=200, compares_per_core=4e8, node_cores=32, node_memory_gib=256, usable=0.7,
+              id_bytes=48)
+    a = cap.plan(1e9, qps=100, speedup=1, tables=0, **kw)
+    b = cap.plan(1e9, qps=200, speedup=1, tables=0, **kw)
+    m = cap.plan(1e9, qps=100, speedup=4, tables=4, **kw)
+    assert b["cores for rate"] == 2 * a["cores for rate"] == 2 * 1e9 / 4e8 * 100
+    assert a["shards"] == 1e9 // (0.1 * 4e8) and a["bytes/code"] == 8 + 48 and m["bytes/code"] == 8 + 48 + 32
+    assert m["cores for rate"] == a["cores for rate"] / 4 and m["nodes"] < a["nodes"]
+    assert a["latency ms"] <= 200 and a["utilisation"] <= 0.7
