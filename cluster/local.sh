@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # A real multi-node Ray cluster on one machine: one head + N worker nodes (separate raylets, object stores and
 # port ranges), for trying `rayhash submit` and multi-node Ray Train/Data without a cloud. The dashboard / Jobs API
-# listens on 127.0.0.1 only (Ray advertises the machine's own IP for node addresses; use RAYHASH_LOCAL_TOKEN on
-# shared hosts).
+# listens on 127.0.0.1 only and every node is started with --node-ip-address 127.0.0.1 (nothing is advertised on
+# the machine's network address), but Ray 2.60's GCS and raylet gRPC servers still bind all interfaces: on a shared
+# or reachable host, set RAYHASH_LOCAL_TOKEN (token authentication) and firewall the port range.
+# The state folder is created private (0700) and refused when it exists with other owners or permissions.
 #
 #   cluster/local.sh up [N_WORKERS]     start the head and N worker nodes (default 1), print the addresses
 #   cluster/local.sh down               stop exactly the nodes this script started (never `ray stop`)
@@ -57,7 +59,7 @@ start_node() {  # start_node INDEX ARGS... : one `ray start --block` in its own 
     --dashboard-agent-listen-port $((base + 2)) --dashboard-agent-grpc-port $((base + 3)) \
     --runtime-env-agent-port $((base + 4)) --metrics-export-port $((base + 5)) \
     --min-worker-port "$wmin" --max-worker-port $((wmin + 99)) \
-    --object-store-memory "$OBJECT_STORE" --disable-usage-stats "$@" \
+    --object-store-memory "$OBJECT_STORE" --disable-usage-stats --node-ip-address 127.0.0.1 "$@" \
     >"$DIR/node-$i.log" 2>&1 </dev/null &
   echo $! >"$DIR/node-$i.pid"
 }

@@ -361,3 +361,50 @@ def test_encode_refuses_a_changed_shard_or_counts_what_it_lost(tmp_path, data_sy
     summary = encode_dataset(index_tiny_checkpoint, str(ds / "test"), str(tmp_path / "codes2"), verify=False)
     total = sum(s["count"] for s in json.loads((ds / "dataset.json").read_text())["splits"]["test"]["shards"])
     assert summary["skipped_corrupt"] > 0 and summary["count"] + summary["skipped_corrupt"] == total
+
+
+def test_sample_without_image_is_skipped_and_counted_and_without_label_is_unlabelled(tmp_path, ray_local):
+    shard = _tar(tmp_path / "s" / "s-000000.tar",
+                 [_good("ok0", 1), {"__key__": "noimage", "cls": b"1", "json": b"{}"},
+                  {"__key__": "nolabel", "png": _png(np.zeros((8, 8, 3), np.uint8))}])
+    before = skip_counts()["by_reason"].get("no image member", 0)
+    rows = {r["key"]: r["label"] for r in read_shards(shard, mode="raw", num_classes=3).take_all()}
+    assert rows == {"ok0": 1, "nolabel": -1}
+    assert skip_counts()["by_reason"]["no image member"] == before + 1
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d.pop("splits"), r"missing field\(s\) \['splits'\]"),
+    (lambda d: d.update(format="rayhash-webdataset/9"), r"field 'format' is 'rayhash-webdataset/9'.*convert the data again"),
+    (lambda d: d["splits"]["train"]["shards"][0].pop("file"), r"split 'train' needs a list 'shards'.*corrupt"),
+    (lambda d: d.update(hierarchy="/etc/passwd"), r"field 'hierarchy'.*outside the folder"),
+])
+def test_dataset_json_missing_fields_other_format_or_escaping_names_are_refused(tmp_path, data_synthetic_small,
+                                                                                change, message):
+    import shutil
+
+    from rayhash.data import load_dataset_info
+
+    ds = tmp_path / "ds"
+    shutil.copytree(data_synthetic_small, ds)
+    doc = json.loads((ds / "dataset.json").read_text())
+    change(doc)
+    (ds / "dataset.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=message) as e:
+        info = load_dataset_info(str(ds))
+        info.shard_paths("train")
+        info.class_hierarchy()
+    assert str(ds) in str(e.value) and "dataset.json" in str(e.value)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["model.bits=many"], "model.bits"),
+    (["train.epochs=[3]"], "train.epochs"),
+    (["data.targets=labels"], "data.targets"),
+    (["loss.alpha=-1"], "loss.alpha"),
+])
+def test_config_values_of_the_wrong_type_name_their_key(overrides, key):
+    from rayhash.config import load_config
+
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        load_config({"model": {"backbone": "tiny_cnn"}}, overrides)

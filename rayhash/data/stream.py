@@ -174,7 +174,8 @@ def _decode_batch(batch, mode: str, image_size: int | None, targets_ref, counter
             skipped.append((keys[i], urls[i], "no caption embedding"))
             continue
         try:
-            label = int(cls[i]) if cls[i] not in (None, b"", "") else -1
+            missing = cls[i] is None or isinstance(cls[i], float) or cls[i] in (b"", "")  # float: NaN fill
+            label = -1 if missing else int(cls[i])
         except ValueError:
             skipped.append((keys[i], urls[i], "bad cls label"))
             log.warning("skipping %s in %s: cls %r is not an integer", keys[i], urls[i], cls[i])
