@@ -56,6 +56,7 @@ def run_pipeline(out: str, *, dataset: str = "synthetic", source: str | None = N
     (queries = database = the held-out split, Barz & Denzler; written to eval/reference/) under ``"reference"``."""
     from rayhash.config import load_config
     from rayhash.data import CONVERTERS, embed_captions, load_dataset_info
+    from rayhash.data.info import held_out_split
     from rayhash.encode import encode_dataset
     from rayhash.eval import evaluate
     from rayhash.index import build_index
@@ -76,7 +77,11 @@ def run_pipeline(out: str, *, dataset: str = "synthetic", source: str | None = N
     log.info("[2/5] training (%s) into %s", cfg_path, out.run)
     result = train(cfg, out.run, resume=storage.exists(out.run))
     db_split = cfg.data.train_split
-    query_split = cfg.data.val_split or next(s for s in info.splits if s != db_split)
+    query_split = (held_out_split(info.splits, cfg.data.val_split, db_split)
+                   or next((s for s in info.splits if s != db_split), None))
+    if query_split is None:
+        raise ValueError(f"{out.data.info}: no held-out split to evaluate with (splits: {sorted(info.splits)}); "
+                         "set data.val_split to one of them")
     log.info("[3/5] encoding the %s split", db_split)
     encode_dataset(result.checkpoint, out.data.split(db_split), out.codes)
     log.info("[4/5] building a %d-shard binary index", index_shards)

@@ -96,6 +96,17 @@ class DatasetInfo:
         return np.asarray(h.similarity_matrix(self.hierarchy_leaves()), dtype=np.float32)
 
 
+HELD_OUT = ("val", "validation", "test")  # names a held-out split goes by, in the order they are looked for
+
+
+def held_out_split(splits, preferred: str | None, train_split: str) -> str | None:
+    """``preferred`` when the dataset has that split, else the first of :data:`HELD_OUT` that it has (a
+    Tiny-ImageNet or ImageNet layout has ``val``, CIFAR ``test``), never the training split; None when none."""
+    if preferred in splits:
+        return preferred
+    return next((s for s in HELD_OUT if s in splits and s != train_split), None)
+
+
 def verify_shards(expected: list[tuple[str, str]], info_path: str, markers: dict[str, str] | None = None,
                   address: str | None = None) -> None:
     """Stream every shard (one Ray task each) and compare its sha256 with the one ``dataset.json`` records: a

@@ -176,18 +176,17 @@ def _finished_run(config: RunConfig, out: str) -> TrainResult | None:
 def _validation_split(d, info) -> str | None:
     """The split validated on: ``data.val_split``, or, when the dataset has no such split, the first of
     val / validation / test that it has (a Tiny-ImageNet layout has ``val``), said at the start."""
+    from rayhash.data.info import held_out_split
+
     if not d.val_split:
         return None
-    split = d.val_split
-    if split not in info.splits:
-        found = [s for s in ("val", "validation", "test") if s in info.splits and s != d.train_split]
-        if not found:
-            log.warning("data.val_split %r not in %s (splits: %s) and no val/validation/test split to use instead: "
-                        "training runs without validation metrics", split, d.path, sorted(info.splits))
-            return None
+    split = held_out_split(info.splits, d.val_split, d.train_split)
+    if split is None:
+        log.warning("data.val_split %r not in %s (splits: %s) and no val/validation/test split to use instead: "
+                    "training runs without validation metrics", d.val_split, d.path, sorted(info.splits))
+    elif split != d.val_split:
         log.warning("data.val_split %r not in %s (splits: %s): validating on %r instead (set data.val_split to "
-                    "choose)", split, d.path, sorted(info.splits), found[0])
-        split = found[0]
+                    "choose)", d.val_split, d.path, sorted(info.splits), split)
     return split
 
 
