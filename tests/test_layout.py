@@ -213,7 +213,7 @@ def test_unknown_kinds_are_refused_with_the_choices():
 
     with pytest.raises(ValueError, match=r"model\.backbone: unknown backbone 'resnet90' \(did you mean 'resnet9'"):
         load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "demo.yaml"), ["model.backbone=resnet90"])
-    with pytest.raises(ValueError, match="unknown index type 'IVF'.*flat, hash, multihash, ivf"):
+    with pytest.raises(ValueError, match="unknown index type 'IVF'; choose one of flat, hash"):
         default_params("IVF", 64)
     with pytest.raises(ValueError, match="unknown converter 'cifar10'"):
         convert("cifar10", None, "/nonexistent")
