@@ -37,7 +37,7 @@ GPU_SCRIPT = textwrap.dedent("""
         with ShardedIndex.open(index_dir, mode="ray", actors=1) as index:
             free_gpus = ray.available_resources().get("GPU", 0)
             res = index.search(codes.codes[:20], k=7)
-        with ShardedIndex.open(index_dir, mode="ray", actors=3) as index:  # more shard groups than GPUs
+        with ShardedIndex.open(index_dir, mode="ray", actors=2) as index:  # more shard groups than GPUs (1 CPU each)
             shared_gpus = ray.available_resources().get("GPU", 0)
             res3 = index.search(codes.codes[:20], k=7)
         print("RESULT", json.dumps({"count": summary["count"], "free_gpus_while_open": free_gpus,
@@ -74,7 +74,7 @@ def test_gpu_defaults_schedule_on_gpu_node_and_match_cpu(data_cifar_small, index
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.split("RESULT", 1)[1])
     assert got["free_gpus_while_open"] == 0  # the index actor holds the node's GPU
-    assert got["free_gpus_three_groups"] < 0.01  # three groups share the one GPU (1/3 each) instead of waiting forever
+    assert got["free_gpus_three_groups"] < 0.01  # two groups share the one GPU (1/2 each) instead of waiting forever
     assert got["keys3"] == got["keys"]
     a, b = read_codes(str(cpu_codes)), read_codes(str(tmp_path / "gpu-codes"))
     assert got["count"] == len(a) > 0
