@@ -99,7 +99,11 @@ class DatasetDir(Folder):
 
     def progress(self, split: str, index: int) -> str:
         """The done-marker of one finished shard."""
-        return self.file(self.PROGRESS, f"{split}-{index:06d}.json")
+        return self.progress_of(self.shard_name(split, index))
+
+    def progress_of(self, shard_file: str) -> str:
+        """The done-marker of the shard that dataset.json records as ``shard_file`` (``train/train-000001.tar``)."""
+        return self.file(self.PROGRESS, posixpath.basename(shard_file).rsplit(".", 1)[0] + ".json")
 
 
 @dataclass(frozen=True)

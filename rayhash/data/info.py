@@ -50,8 +50,7 @@ class DatasetInfo:
         :func:`verify_shards`."""
         shards = self.splits[split]["shards"] if split in self.splits else []
         urls = self.shard_paths(split)
-        markers = {u: self.dir.progress(split, int(s["file"].rsplit("-", 1)[1].split(".")[0]))
-                   for u, s in zip(urls, shards)}
+        markers = {u: self.dir.progress_of(s["file"]) for u, s in zip(urls, shards)}
         verify_shards([(u, s["sha256"]) for u, s in zip(urls, shards) if "sha256" in s], self.dir.info,
                       markers, address)
 
