@@ -20,7 +20,7 @@ os.environ.setdefault("RAYHASH_PROGRESS", "0")
 
 
 def _batches(args):
-    """(images float32 (n,3,S,S), labels int64 (n,), similarity (C,C), num_classes) from real shards, decoded once."""
+    """(images uint8 (n,3,S,S), labels int64 (n,), similarity (C,C), num_classes) from real shards, decoded once."""
     import numpy as np
 
     from rayhash.data import convert_synthetic, load_dataset_info, read_shards

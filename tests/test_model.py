@@ -177,3 +177,27 @@ def test_hash_layer_runs_in_float32_under_bf16_autocast():
     assert torch.tanh(torch.tensor(4.0, dtype=torch.bfloat16)).item() == 1.0  # what bf16 would have given
     z.sum().backward()
     assert net.hash.bias.grad.abs().min() > 0  # every unit still gets a gradient
+
+
+def test_uint8_images_are_normalised_on_the_models_device_exactly_as_the_reference_formula():
+    """The data pipeline ships uint8 (n,3,S,S) (a quarter of float32's bytes); the network normalises them itself.
+    Independent reference: numpy ``(x/255 - mean) / std`` in float64, fed to the same network as floats."""
+    from rayhash.data import IMAGE_MEAN, IMAGE_STD
+
+    torch.manual_seed(0)
+    net = HashNet("tiny_cnn", 16, 5, width=4).eval()
+    x = np.random.default_rng(0).integers(0, 256, (6, 3, 16, 16), dtype=np.uint8)
+    ref = (x / 255.0 - np.asarray(IMAGE_MEAN)[:, None, None]) / np.asarray(IMAGE_STD)[:, None, None]
+    with torch.no_grad():
+        z_u8, logits_u8 = net(torch.from_numpy(x))
+        z_f, logits_f = net(torch.from_numpy(ref.astype(np.float32)))
+        z_cl, _ = net(torch.from_numpy(x).contiguous(memory_format=torch.channels_last))
+    np.testing.assert_allclose(z_u8.numpy(), z_f.numpy(), atol=1e-5)
+    np.testing.assert_allclose(logits_u8.numpy(), logits_f.numpy(), atol=1e-5)
+    np.testing.assert_allclose(z_cl.numpy(), z_u8.numpy(), atol=1e-5)
+    # normalisation keeps the memory format (channels_last stays channels_last on the way into the convolutions)
+    from rayhash.model.network import normalise_images
+
+    cl = normalise_images(torch.from_numpy(x).contiguous(memory_format=torch.channels_last))
+    assert cl.dtype == torch.float32 and cl.is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_allclose(cl.numpy(), ref, atol=1e-5)

@@ -93,18 +93,17 @@ def _center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def normalise(img: Image.Image) -> np.ndarray:
-    """RGB PIL -> float32 (3,H,W): ``(x/255 - IMAGE_MEAN) / IMAGE_STD``."""
-    x = np.asarray(img, dtype=np.float32) / 255.0
-    x = (x - np.asarray(IMAGE_MEAN, np.float32)) / np.asarray(IMAGE_STD, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+def to_chw(img: Image.Image) -> np.ndarray:
+    """RGB PIL -> uint8 (3,H,W). Images stay uint8 through the object store and onto the device (a quarter of the
+    bytes of float32); the network normalises them there (``rayhash.model.network.normalise_images``)."""
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
 
 
 def eval_array(img: Image.Image, image_size: int | None) -> np.ndarray:
-    """Eval transform as numpy: resize the short side to S, center crop, normalise -> float32 (3,S,S)."""
+    """Eval transform as numpy: resize the short side to S, center crop -> uint8 (3,S,S)."""
     if image_size is not None:
         img = _center_crop(_resize_short(img, image_size), image_size)
-    return normalise(img)
+    return to_chw(img)
 
 
 def _random_resized_box(w: int, h: int, scale: tuple[float, float], rng: np.random.Generator):
@@ -124,7 +123,7 @@ def _random_resized_box(w: int, h: int, scale: tuple[float, float], rng: np.rand
 def train_array(img: Image.Image, image_size: int | None, rng: np.random.Generator | None = None,
                 scale: tuple[float, float] = (0.6, 1.0)) -> np.ndarray:
     """Train transform as numpy: random resized crop (``scale`` of the area, to S or the native size),
-    horizontal flip with p=0.5, normalise -> float32 (3,S,S)."""
+    horizontal flip with p=0.5 -> uint8 (3,S,S)."""
     rng = rng if rng is not None else np.random.default_rng()
     w, h = img.size
     left, top, cw, ch = _random_resized_box(w, h, scale, rng)
@@ -132,11 +131,11 @@ def train_array(img: Image.Image, image_size: int | None, rng: np.random.Generat
     img = img.resize(out, Image.BILINEAR, box=(left, top, left + cw, top + ch))
     if rng.random() < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    return normalise(img)
+    return to_chw(img)
 
 
 def eval_transform(image_size: int | None) -> Callable:
-    """PIL RGB -> torch float32 (3,S,S): resize the short side to S, center crop, normalise
+    """PIL RGB -> torch uint8 (3,S,S): resize the short side to S, center crop
     (``image_size=None`` keeps the native size). The same numbers as ``read_shards(mode="eval")``."""
 
     def transform(img: Image.Image):
@@ -148,7 +147,7 @@ def eval_transform(image_size: int | None) -> Callable:
 
 
 def train_transform(image_size: int | None, scale: tuple[float, float] = (0.6, 1.0)) -> Callable:
-    """PIL RGB -> torch float32 (3,S,S): random resized crop + horizontal flip + normalise (as
+    """PIL RGB -> torch uint8 (3,S,S): random resized crop + horizontal flip (as
     ``read_shards(mode="train")``); ``image_size=None`` crops back to the native size."""
 
     def transform(img: Image.Image):
@@ -164,10 +163,3 @@ def raw_array(img: Image.Image, image_size: int | None) -> np.ndarray:
     if image_size is not None:
         img = _center_crop(_resize_short(img, image_size), image_size)
     return np.asarray(img, dtype=np.uint8)
-
-
-def denormalise(x: np.ndarray) -> np.ndarray:
-    """Inverse of the normalisation: float (3,S,S) -> uint8 (S,S,3) (for plots and checks)."""
-    mean = np.asarray(IMAGE_MEAN, dtype=np.float32)[:, None, None]
-    std = np.asarray(IMAGE_STD, dtype=np.float32)[:, None, None]
-    return np.clip(np.rint((x * std + mean) * 255.0), 0, 255).astype(np.uint8).transpose(1, 2, 0)

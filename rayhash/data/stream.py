@@ -214,7 +214,7 @@ def _decode_batch(batch, mode: str, image_size: int | None, targets_ref, counter
     else:
         s = image_size or 1
         shape = (0, s, s, 3) if mode == "raw" else (0, 3, s, s)
-        result["image"] = np.zeros(shape, dtype=np.uint8 if mode == "raw" else np.float32)
+        result["image"] = np.zeros(shape, dtype=np.uint8)
     if targets_ref is not None:
         result["target"] = tvals[pos[out_rows]] if out_rows else np.zeros((0, tvals.shape[1]), np.float32)
     return result
@@ -243,8 +243,9 @@ def read_shards(source: str | Sequence[str], *, mode: str = "train", image_size:
     """Stream WebDataset shards as a ``ray.data.Dataset`` with columns ``key`` (str), ``image``, ``label``
     (int64, -1 when unlabelled) and, with ``caption_embeddings`` (Parquet key -> embedding), ``target``.
 
-    ``mode``: ``"train"`` (random resized crop + flip, normalised float32 (3,S,S)), ``"eval"`` (resize + center
-    crop, normalised) or ``"raw"`` (uint8 (H,W,3), resized + cropped only when ``image_size`` is given).
+    ``mode``: ``"train"`` (random resized crop + flip, uint8 (3,S,S)), ``"eval"`` (resize + center crop, uint8
+    (3,S,S)) or ``"raw"`` (uint8 (H,W,3), resized + cropped only when ``image_size`` is given). Images stay uint8
+    (a quarter of float32's bytes through the object store); the network normalises them on its device.
     ``shuffle=True``: file order shuffled (reseeded every epoch from ``seed``) and the rows of each shard permuted
     inside its read task (no extra pipeline stage); to mix rows across shards as well, pass
     ``local_shuffle_buffer_size`` to ``iter_torch_batches`` (training does, from ``data.shuffle_buffer``).
@@ -273,7 +274,8 @@ def read_shards(source: str | Sequence[str], *, mode: str = "train", image_size:
     # 2-CPU node (half the CPUs reserved away from it); without it the stage uses every CPU (2x measured).
     ds.context.op_resource_reservation_enabled = False
     targets_ref = ray.put(load_caption_embeddings(caption_embeddings)) if caption_embeddings else None
-    return ds.map_batches(_decode_block, batch_size=None, batch_format="pyarrow", concurrency=concurrency,
+    return ds.map_batches(_decode_block, batch_size=None, batch_format="pyarrow",
+                          compute=ray.data.TaskPoolStrategy(size=concurrency) if concurrency else None,
                           fn_kwargs={"batch_size": batch_size, "shuffle_seed": seed if shuffle else None,
                                      "mode": mode, "image_size": image_size, "targets_ref": targets_ref,
                                      "counter": counter,

@@ -158,12 +158,12 @@ def _encode(checkpoint: str, data, codes: CodesDir, batch_size: int, concurrency
     storage.remove_staging(out, "codes-")  # left by a killed run
     t0, first, encoded = time.perf_counter(), None, 0
     if todo:
+        import ray
+
         init_ray(address)
         gpus = cluster_has_gpus()
         num_gpus = (1 if gpus else 0) if num_gpus is None else num_gpus
         if concurrency is None:
-            import ray
-
             # CPU actors leave one CPU for the shard-reading tasks, or the pipeline starves on small machines
             cpus = int(ray.cluster_resources().get("CPU", 1))
             concurrency = max(1, int(cluster_gpus())) if num_gpus else max(1, min(4, cpus - 1))
@@ -173,7 +173,8 @@ def _encode(checkpoint: str, data, codes: CodesDir, batch_size: int, concurrency
                                  "lower --concurrency, or add nodes", address)
         ds = read_shards([urls[i] for i in todo], mode="eval", image_size=image_size, with_source=True)
         ds = ds.map_batches(EncodeBatch, fn_constructor_kwargs={"checkpoint": checkpoint}, batch_size=batch_size,
-                            concurrency=concurrency, num_gpus=num_gpus, num_cpus=0 if num_gpus else 1,
+                            compute=ray.data.ActorPoolStrategy(size=concurrency), num_gpus=num_gpus,
+                            num_cpus=0 if num_gpus else 1,
                             batch_format="numpy")
         ds.context.execution_options.preserve_order = True
         writer = _ShardWriter([(i, urls[i], outputs[i], *records[i]) for i in todo], bits, checkpoint, loaded.digest)

@@ -74,20 +74,26 @@ class Encoder:
     """Images -> (continuous z, packed binary codes) with a trained checkpoint; CUDA when available."""
 
     def __init__(self, checkpoint: str | os.PathLike | LoadedModel, device: str | torch.device | None = None):
-        from rayhash.runtime import torch_device
+        from rayhash.runtime import bf16_supported, torch_device
 
         self.loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_checkpoint(checkpoint)
         self.device = torch.device(device) if device is not None else torch_device()
         self.model = self.loaded.model.to(self.device).eval()
         self.bits, self.image_size = self.loaded.bits, self.loaded.image_size
+        self.autocast = self.device.type == "cuda" and bf16_supported(self.device)
         self._transform = None
 
     @torch.inference_mode()
     def encode_tensor(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """x: (n,3,S,S) normalised images -> (z float32 (n,bits), packed uint8 (n,bits/8))."""
+        """x: uint8 (n,3,S,S) images (or float, already normalised) -> (z float32 (n,bits), packed uint8 (n,bits/8)).
+
+        On a GPU with bf16 the backbone runs under bf16 autocast (the hash layer stays float32, see ``HashNet``);
+        ``autocast=False`` on the encoder gives float32 throughout."""
         from rayhash.metrics import pack_codes
 
-        z, _ = self.model(torch.as_tensor(x, dtype=torch.float32).to(self.device, non_blocking=True))
+        x = torch.as_tensor(x)
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            z, _ = self.model(x.to(self.device, non_blocking=True))
         z = z.float().cpu().numpy()
         return z, pack_codes(z)
 

@@ -136,7 +136,7 @@ def _val_arrays(loop_cfg: dict, config: RunConfig) -> dict[str, np.ndarray] | No
     ds = ds.limit(n) if n else ds
     images, labels = [], []
     for b in ds.select_columns(["image", "label"]).iter_batches(batch_size=256, batch_format="numpy"):
-        images.append(np.asarray(b["image"], np.float32))
+        images.append(np.asarray(b["image"]))  # uint8: the network normalises on the device
         labels.append(np.asarray(b["label"], np.int64))
     if not images:
         return None
@@ -213,6 +213,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> list[dict]:
         _seed(t.seed + 1000 * epoch + rank)  # reproducible per epoch regardless of resume
         t0 = time.perf_counter()
         batches = shard.iter_torch_batches(batch_size=local_bs, drop_last=True, device=device, prefetch_batches=4,
+                                           pin_memory=device.type == "cuda",
                                            local_shuffle_buffer_size=config.data.shuffle_buffer or None,
                                            local_shuffle_seed=t.seed + 1000 * epoch + rank)
         sums, n_steps, seen = _run_epoch(batches, steps_per_epoch, step, (model, opt, sched, loss_fn), config,
