@@ -241,7 +241,7 @@ def check_search(device, database: int, queries: int, k: int, bits: int = 64, se
     """GpuIndexBinaryFlat against IndexBinaryFlat on the CPU: identical distances, queries/s."""
     import faiss
 
-    from rayhash.index.search import FAISS_GPU_MAX_CAPABILITY, faiss_gpu_usable, gpu_capability
+    from rayhash.index.search import faiss_gpu_usable, faiss_gpu_wheel, gpu_capability
 
     rng = np.random.default_rng(seed)
     db = rng.integers(0, 256, (database, bits // 8), dtype=np.uint8)
@@ -260,9 +260,10 @@ def check_search(device, database: int, queries: int, k: int, bits: int = 64, se
                     "detail": f"faiss here has no GPU classes (faiss-cpu); {where}: pip install 'rayhash[gpu]' for "
                               "GPU index search"}
         if not faiss_gpu_usable():
+            wheel = faiss_gpu_wheel()
             return {"check": "search", "result": "SKIP", "speed": cpu_speed,
-                    "detail": f"{where} is newer than the faiss GPU wheel's kernels (up to "
-                              f"{'.'.join(map(str, FAISS_GPU_MAX_CAPABILITY))}): index search stays on CPU"}
+                    "detail": f"{where} has no kernels in {wheel[0] if wheel else 'this faiss'} (see the warning "
+                              "above): index search stays on CPU"}
         index, what = faiss.GpuIndexBinaryFlat(faiss.StandardGpuResources(), cpu), "GpuIndexBinaryFlat"
     else:
         index, what = cpu, "CPU IndexBinaryFlat (no GPU index on this device)"

@@ -60,6 +60,15 @@ def exists(uri: str | os.PathLike) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def stat(uri: str | os.PathLike) -> tuple[int, int | None] | None:
+    """(size in bytes, modification time in ns or None where the store has none) of a file; None if absent."""
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        return None
+    return info.size, info.mtime_ns
+
+
 def makedirs(uri: str | os.PathLike) -> None:
     """Create a folder; nothing to do on object stores (a folder there is the prefix of the keys inside it)."""
     if not str(uri).startswith(_OBJECT_STORES):

@@ -161,3 +161,38 @@ def test_faiss_packages_are_exclusive_extras_and_both_installed_is_refused(tmp_p
     assert r.returncode == 1 and "faiss-cpu and faiss-gpu-cu12 are both installed" in r.stderr, r.stderr[-2000:]
     assert subprocess.run([sys.executable, "-c", "import rayhash.index"], capture_output=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(CLUSTER.parent)}).returncode == 0
+
+
+def _cuda_majors(installs: dict[str, str]) -> set[int]:
+    """CUDA major versions a resolved environment brings: `-cuNN` package suffixes, and the version of the CUDA
+    runtime / toolkit packages that carry none (CUDA 13's `nvidia-cuda-runtime`, `cuda-toolkit`)."""
+    majors = {int(m.group(1)) for n in installs if (m := re.search(r"-cu(\d+)$", n))}
+    majors |= {int(v.split(".")[0]) for n, v in installs.items() if n in ("nvidia-cuda-runtime", "cuda-toolkit")}
+    return majors
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", ["cpu", "gpu"])
+def test_pip_resolves_each_extra_to_one_faiss(tmp_path, extra):
+    """`pip install --dry-run --report` of `rayhash[cpu]` and `rayhash[gpu]`: exactly one faiss distribution each.
+    CUDA majors: `cpu` brings torch's CUDA 13 only; `gpu` adds faiss-gpu-cu12's CUDA 12 (no faiss wheel with sm_90
+    kernels installs beside torch 2.14's CUDA 13.0: faiss-gpu-cuvs 1.15 needs CUDA >= 13.2), so rayhash keeps them
+    in separate processes: nothing that opens an index imports torch (checked below)."""
+    report = tmp_path / "report.json"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+                        "--disable-pip-version-check", "--report", str(report), f"{CLUSTER.parent}[{extra}]"],
+                       capture_output=True, text=True, timeout=1200)
+    if r.returncode and re.search(r"(No matching distribution found|Could not find a version that satisfies the "
+                                  r"requirement) (?!faiss)", r.stderr):  # offline: no index; a faiss miss fails
+        pytest.skip(f"no package index reachable here: {r.stderr.strip().splitlines()[-1][:200]}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    installs = {i["metadata"]["name"].lower().replace("_", "-"): i["metadata"]["version"]
+                for i in json.loads(report.read_text())["install"]}
+    assert "torch" in installs and "ray" in installs
+    assert sorted(n for n in installs if n.startswith("faiss")) == {"cpu": ["faiss-cpu"], "gpu": ["faiss-gpu-cu12"]}[extra]
+    assert _cuda_majors(installs) == {"cpu": {13}, "gpu": {12, 13}}[extra], sorted(installs)
+    code = ("import sys, rayhash.index, rayhash.index.sharded, rayhash.index.build, rayhash.index.cli, "
+            "rayhash.eval.evaluate; print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(CLUSTER.parent)})
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]

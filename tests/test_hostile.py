@@ -343,6 +343,29 @@ def test_changed_shard_is_refused_before_training_naming_it_and_the_fix(tmp_path
     assert shard.read_bytes() == (data_synthetic_small / "train" / "train-000001.tar").read_bytes()
 
 
+def test_a_verified_shard_is_read_again_only_when_it_changed(tmp_path, data_synthetic_small, ray_local):
+    """A pipeline verifies a split before training and needs no second full read before encoding it: a shard this
+    process verified is skipped while its size and modification time are unchanged (what the record trusts, shown
+    by a same-size rewrite with the old mtime put back), and read again, and refused, once either changes."""
+    import os
+    import shutil
+
+    from rayhash.data import load_dataset_info
+
+    ds = tmp_path / "ds"
+    shutil.copytree(data_synthetic_small, ds)
+    info = load_dataset_info(ds)
+    info.verify("train")
+    shard = ds / "train" / "train-000001.tar"
+    before = shard.stat()
+    _corrupt(shard, "garbage")  # same size
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
+    info.verify("train")  # size and mtime as verified: not read again
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))
+    with pytest.raises(ValueError, match="1 of 4 shard"):
+        info.verify("train")
+
+
 def test_encode_refuses_a_changed_shard_or_counts_what_it_lost(tmp_path, data_synthetic_small, index_tiny_checkpoint):
     """Encode checks its input tars against dataset.json first; with --no-verify, the samples a corrupt tar loses
     are counted as skipped (expected count minus codes received), and the rest is encoded."""

@@ -106,6 +106,9 @@ def held_out_split(splits, preferred: str | None, train_split: str) -> str | Non
     return next((s for s in HELD_OUT if s in splits and s != train_split), None)
 
 
+_VERIFIED: dict[str, tuple[str, tuple[int, int | None]]] = {}  # shard -> (sha256, (size, mtime)) checked here
+
+
 def verify_shards(expected: list[tuple[str, str]], info_path: str, markers: dict[str, str] | None = None,
                   address: str | None = None) -> None:
     """Stream every shard (one Ray task each) and compare its sha256 with the one ``dataset.json`` records: a
@@ -117,12 +120,17 @@ def verify_shards(expected: list[tuple[str, str]], info_path: str, markers: dict
 
     from rayhash.runtime import init_ray
 
-    if not expected:
+    # a shard this process has verified and that has not changed since (same size and modification time) is not
+    # read again: a pipeline verifies the training split before training and no second time before encoding it
+    stats = {u: storage.stat(u) for u, _ in expected}
+    todo = [(u, want) for u, want in expected if stats[u] is None or _VERIFIED.get(u) != (want, stats[u])]
+    if not todo:
         return
     init_ray(address)
     task = ray.remote(num_cpus=1)(_sha256_or_error)
-    got = ray.get([task.remote(u) for u, _ in expected])
-    bad = [(u, want, g) for (u, want), g in zip(expected, got) if g != want]
+    got = ray.get([task.remote(u) for u, _ in todo])
+    bad = [(u, want, g) for (u, want), g in zip(todo, got) if g != want]
+    _VERIFIED.update({u: (want, stats[u]) for (u, want), g in zip(todo, got) if g == want and stats[u] is not None})
     if not bad:
         return
     shown = "; ".join(f"{u} ({g if g.startswith('unreadable') else 'sha256 ' + g[:12] + '…'}, recorded "

@@ -236,6 +236,17 @@ def load_caption_embeddings(path: str) -> tuple[np.ndarray, np.ndarray]:
     return keys[order], emb[order]
 
 
+def caption_embedding_dim(path: str) -> int:
+    """Length E of the caption embeddings in a Parquet file or folder (reads one row)."""
+    import pyarrow.dataset as pads
+
+    fs, p = storage.resolve(path)
+    for batch in pads.dataset(p, filesystem=fs, format="parquet").to_batches(columns=["embedding"], batch_size=1):
+        if batch.num_rows:
+            return len(batch.column(0)[0])
+    raise ValueError(f"{path}: holds no caption embeddings; re-run `rayhash data embed-captions`")
+
+
 def read_shards(source: str | Sequence[str], *, mode: str = "train", image_size: int | None = None,
                 shuffle: bool = False, seed: int = 0, caption_embeddings: str | None = None,
                 batch_size: int = 64, concurrency: int | None = None,

@@ -16,7 +16,7 @@ def _one_faiss() -> None:
     from importlib.metadata import PackageNotFoundError, version
 
     have = []
-    for name in ("faiss-cpu", "faiss-gpu-cu12", "faiss-gpu-cu11", "faiss-gpu"):
+    for name in ("faiss-cpu", "faiss-gpu-cu12", "faiss-gpu-cuvs", "faiss-gpu-cu11", "faiss-gpu"):
         try:
             version(name)
             have.append(name)

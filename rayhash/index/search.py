@@ -106,15 +106,35 @@ def ranges_to_result(qid: np.ndarray, d: np.ndarray, keys: np.ndarray, labels: n
 _GPU_RES = None
 
 
-FAISS_GPU_MAX_CAPABILITY = (8, 9)  # faiss-gpu-cu12 wheels (1.8-1.14) carry kernels for compute capability 7.0-8.9
+# The compute capabilities each faiss GPU wheel has kernels for, read from the wheels with `cuobjdump --list-elf`
+# and `--list-ptx`: (lowest, highest), highest None when the wheel carries PTX that newer GPUs JIT-compile.
+FAISS_GPU_WHEELS = {
+    "faiss-gpu-cu12": ((7, 0), (8, 9)),  # 1.14.1.post1: SASS for sm_70 and sm_80, no PTX; CUDA 12 (H100: aborts)
+    "faiss-gpu-cuvs": ((7, 5), None),    # 1.15.1: SASS for sm_75, 80, 86, 89, 90 and compute_90 PTX; CUDA 13.2
+}
 _GPU_LOCK = threading.Lock()  # FAISS GPU indices are not thread-safe, even for searches: one search at a time
+
+
+def faiss_gpu_wheel() -> tuple[str, tuple[int, int], tuple[int, int] | None] | None:
+    """(distribution, lowest, highest compute capability) of the installed faiss GPU wheel, when it is one of
+    :data:`FAISS_GPU_WHEELS`; None for faiss-cpu, conda or source builds (whose targets pip metadata cannot tell)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name, (low, high) in FAISS_GPU_WHEELS.items():
+        try:
+            version(name)
+        except PackageNotFoundError:
+            continue
+        return name, low, high
+    return None
 
 
 def faiss_gpu_usable() -> bool:
     """Whether flat shards may be copied to a GPU here: faiss sees a GPU, Ray gave this worker one (or this is a
-    driver), and the GPU is one the faiss wheel has kernels for. On a newer GPU (H100: 9.0) the first kernel launch
-    would abort the process inside FAISS, with no Python exception to fall back from, so the CPU index is used and
-    a warning says so; ``RAYHASH_FAISS_GPU=force`` (a faiss build for that GPU) overrides."""
+    driver), and the GPU is one the installed faiss wheel has kernels for. On another GPU (faiss-gpu-cu12 on an
+    H100, compute capability 9.0) the first kernel launch would abort the process inside FAISS, with no Python
+    exception to fall back from, so the CPU index is used and a warning says so; ``RAYHASH_FAISS_GPU=force``
+    overrides."""
     import faiss
 
     if ray_gave_no_gpu() or not hasattr(faiss, "GpuIndexBinaryFlat") or faiss.get_num_gpus() == 0:
@@ -122,11 +142,15 @@ def faiss_gpu_usable() -> bool:
     cc = gpu_capability()
     if cc is None:  # cannot tell which GPU this is
         return False
-    if cc > FAISS_GPU_MAX_CAPABILITY and os.environ.get("RAYHASH_FAISS_GPU") != "force":
-        log.warning("GPU compute capability %d.%d is newer than the faiss GPU wheel supports (up to %d.%d): "
-                    "searching on CPU; set RAYHASH_FAISS_GPU=force with a faiss built for this GPU", *cc,
-                    *FAISS_GPU_MAX_CAPABILITY)
-        return False
+    wheel = faiss_gpu_wheel()
+    if wheel and os.environ.get("RAYHASH_FAISS_GPU") != "force":
+        name, low, high = wheel
+        if cc < low or (high is not None and cc > high):
+            top = f"{high[0]}.{high[1]}" if high else "newer"
+            log.warning("GPU compute capability %d.%d is outside what %s has kernels for (%d.%d to %s): searching on "
+                        "CPU. faiss-gpu-cuvs 1.15 (CUDA 13.2) covers 7.5 to 9.0 and newer; RAYHASH_FAISS_GPU=force "
+                        "skips this check", *cc, name, *low, top)
+            return False
     return True
 
 
@@ -178,7 +202,7 @@ class Shard:
         configure(index, index_type, params)
         self.scan = index.storage if index_type == "mih" else index  # what a k-NN scan searches
         self.gpu_index = None
-        if use_gpu and index_type == "flat" and faiss_gpu_usable():  # pragma: no cover - no GPU here
+        if use_gpu and index_type == "flat" and faiss_gpu_usable():
             self.gpu_index = faiss.GpuIndexBinaryFlat(_gpu_resources(), index)
 
     @classmethod
@@ -227,7 +251,7 @@ class Shard:
                    {**manifest["params"], **(params or {})}, use_gpu)
 
     def _faiss_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if self.gpu_index is not None and k <= GPU_MAX_K:  # pragma: no cover - no GPU here
+        if self.gpu_index is not None and k <= GPU_MAX_K:
             with _GPU_LOCK:
                 return self.gpu_index.search(q, k)
         return self.scan.search(q, k)  # k > 2048 on GPU shards: the CPU copy answers
@@ -332,9 +356,6 @@ class ShardGroup:
     whole group once at load, so that shards return and merge integer candidates (see the module docstring)."""
 
     def __init__(self, shards: list[Shard], threads: int | None = None):
-        self.shards = shards
-        self.threads = max(1, min(len(shards), threads or os.cpu_count() or 1))
-        self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
         keys = np.concatenate([s.keys for s in shards]) if shards else np.array([], str)
         labels = np.concatenate([s.labels for s in shards]) if shards else np.array([], np.int32)
         order = np.argsort(keys, kind="stable")
@@ -348,9 +369,9 @@ class ShardGroup:
         for s, a in zip(shards, offsets):  # the group's sorted tables replace the shards' own copies
             s.rank, s.stride, s.keys, s.labels = rank[a:a + s.ntotal], self.stride, None, None
         self.shards = self._merge_flat(shards)
-        if len(self.shards) == 1 and self._pool is not None:  # one index: FAISS's own threads do the work
-            self._pool.shutdown()
-            self._pool, self.threads = None, 1
+        # threads over shards; one (merged) index: FAISS's own threads do the work
+        self.threads = max(1, min(len(self.shards), threads or os.cpu_count() or 1))
+        self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
 
     @staticmethod
     def _merge_flat(shards: list[Shard]) -> list[Shard]:

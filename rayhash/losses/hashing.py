@@ -36,13 +36,15 @@ class HashingLoss(nn.Module):
     ``label_smoothing`` of the CE term. All terms are computed in (at least) float32 whatever the surrounding autocast (bf16 rounds tanh outputs near ±1 and turns
     the estimator's small distances into ties).
     Under DDP (torch.distributed initialised) L_sim and L_KL use the global batch (``all_gather_with_grad``) and
-    their gradient is multiplied by world_size, which DDP's gradient averaging divides out again.
+    their gradient is multiplied by world_size, which DDP's gradient averaging divides out again;
+    ``equal_batches=True`` (training: every worker's local batch has the same size) gathers without exchanging sizes.
     ``similarity``: optional (C, C) class similarity S, so that targets come from labels as ``1 - S[y_i, y_j]``.
     """
 
     def __init__(self, alpha: float = 1.0, beta: float = 1.0, k: int = 3, uniformity: float = 0.1,
                  sim_form: str = "relative", tau: float = 0.1, similarity=None, global_batch: bool = True,
-                 kl_samples: float = 1.0, kl_distance: str = "l2", kl_queue: int = 0, label_smoothing: float = 0.0):
+                 kl_samples: float = 1.0, kl_distance: str = "l2", kl_queue: int = 0, label_smoothing: float = 0.0,
+                 equal_batches: bool = False):
         super().__init__()
         if sim_form not in ("relative", "softmax"):
             raise ValueError(f"loss similarity form must be 'relative' or 'softmax', got {sim_form!r}")
@@ -51,17 +53,17 @@ class HashingLoss(nn.Module):
         self.alpha, self.beta, self.k, self.uniformity = alpha, beta, k, uniformity
         self.sim_form, self.tau, self.global_batch = sim_form, tau, global_batch
         self.kl_samples, self.kl_p, self.kl_queue = kl_samples, DISTANCES[kl_distance], kl_queue
-        self.label_smoothing = label_smoothing
+        self.label_smoothing, self.equal_batches = label_smoothing, equal_batches
         S = None if similarity is None else torch.tensor(np.asarray(similarity), dtype=torch.float32)  # a copy
         self.register_buffer("similarity", S, persistent=False)
         self.register_buffer("queue", None, persistent=False)
 
     @classmethod
-    def from_config(cls, loss_cfg, similarity=None) -> "HashingLoss":
+    def from_config(cls, loss_cfg, similarity=None, equal_batches: bool = False) -> "HashingLoss":
         c = loss_cfg
         return cls(alpha=c.alpha, beta=c.beta, k=c.k, uniformity=c.uniformity, sim_form=c.similarity, tau=c.tau,
                    similarity=similarity, kl_samples=c.kl_samples, kl_distance=c.kl_distance, kl_queue=c.kl_queue,
-                   label_smoothing=c.label_smoothing)
+                   label_smoothing=c.label_smoothing, equal_batches=equal_batches)
 
     def forward(self, z: torch.Tensor, logits: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 target_distance: torch.Tensor | None = None, embeddings: torch.Tensor | None = None,
@@ -78,7 +80,8 @@ class HashingLoss(nn.Module):
             logits = logits.to(dtype) if logits is not None else None
             zero = z.sum() * 0.0
             ce = self._cross_entropy(logits, labels, zero)
-            gather = all_gather_with_grad if self.global_batch else (lambda t: t)
+            gather = ((lambda t: all_gather_with_grad(t, self.equal_batches)) if self.global_batch
+                      else (lambda t: t))
             zg = gather(z)
             sim = kl = zero
             if self.alpha:

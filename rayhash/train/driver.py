@@ -79,6 +79,7 @@ def _fit(config: RunConfig, run: RunDir, store: str, address: str | None) -> Tra
     from ray.train.torch import TorchTrainer
 
     from rayhash.data import load_dataset_info, read_shards
+    from rayhash.data.stream import caption_embedding_dim
     from rayhash.runtime import cluster_has_gpus, init_ray
 
     out = run.path
@@ -113,6 +114,7 @@ def _fit(config: RunConfig, run: RunDir, store: str, address: str | None) -> Tra
     storage.makedirs(out)
     loop_cfg = {
         "config": config.model_dump(), "num_classes": num_classes, "steps_per_epoch": steps,
+        "embedding_dim": caption_embedding_dim(caption_embeddings) if d.targets == "captions" else 0,
         "similarity": similarity, "val_source": val_source, "metrics_path": run.metrics,
         "tensorboard_dir": run.file(run.TENSORBOARD) if config.train.tensorboard and not storage.is_remote(out)
         else None,

@@ -46,7 +46,9 @@ def build_training(config: RunConfig, num_classes: int, steps_per_epoch: int, si
     total = t.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lr_lambda(int(round(t.warmup_epochs * steps_per_epoch)), total, t.min_lr_ratio))
-    loss = HashingLoss.from_config(config.loss, similarity if config.data.targets == "hierarchy" else None)
+    # equal local batches on every worker (drop_last, equal splits, padded short shards): no size exchange
+    loss = HashingLoss.from_config(config.loss, similarity if config.data.targets == "hierarchy" else None,
+                                   equal_batches=True)
     return model, opt, sched, loss
 
 
@@ -157,8 +159,18 @@ def validate(model, val: dict[str, np.ndarray], similarity: np.ndarray, k: int, 
     return {f"val_{key}": v for key, v in metrics.items()}
 
 
+STEP_METRICS = ("loss", "ce", "sim", "kl", "beta", "bit_balance", "quant_error")  # summed per step by _run_epoch
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _reduce_mean(sums: dict[str, float], count: int, device) -> dict[str, float]:
-    """Average per-step sums over steps and workers."""
+    """Average per-step sums over steps and workers. Every worker sends the same keys in the same order (a worker
+    with zero steps too), so the all-reduce tensors match in size."""
     import torch.distributed as dist
 
     keys = sorted(sums)
@@ -250,33 +262,61 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> list[dict]:
 
 def _run_epoch(batches, max_steps: int, step: int, training, config: RunConfig, loop_cfg: dict, rank: int,
                gen: torch.Generator, autocast: bool) -> tuple[dict[str, float], int, list[int]]:
-    """One pass over this worker's shard: (per-step sums of loss terms and code stats, steps, labels seen)."""
+    """One pass over this worker's shard: (per-step sums of loss terms and code stats, steps, labels seen).
+
+    Every worker runs exactly ``max_steps`` optimiser steps: under DDP each step's backward is a collective, so a
+    worker whose shard ran short (samples skipped as corrupt, or an empty shard) would leave the others waiting
+    forever. A short worker repeats its last batch (or a blank one) with the loss multiplied by zero: it joins the
+    collectives, contributes no gradient, and its padding steps are not counted in the metrics."""
     model, opt, sched, loss_fn = training
     model.train()
     sums: dict[str, torch.Tensor] = {}  # summed on the device: no host sync per step
     seen: list[int] = []
-    n, wait, t_prev = 0, 0.0, time.perf_counter()
-    for batch in batches:
+    n, wait, t_prev, last = 0, 0.0, time.perf_counter(), None
+    source = iter(batches)
+    for i in range(max_steps):
+        batch = next(source, None)
         wait += time.perf_counter() - t_prev
-        if n >= max_steps:
-            break
-        _maybe_fail(loop_cfg.get("fault"), rank, step + n)
-        gen.manual_seed(config.train.seed * 1_000_003 + step + n)  # same KL target sample on every rank
-        beta = scheduled_beta(config, step + n, max_steps * config.train.epochs)
+        real = batch is not None
+        if real:
+            last = batch
+        elif last is None:
+            last = _blank_batch(config, model, loop_cfg.get("embedding_dim", 0))
+        if not real:
+            batch = last
+            if i == n:  # the first padding step of this epoch
+                log.warning("worker %d: its shard ended after %d of %d steps (samples skipped?); it joins the "
+                            "remaining steps without gradient", rank, n, max_steps)
+        _maybe_fail(loop_cfg.get("fault"), rank, step + i)
+        gen.manual_seed(config.train.seed * 1_000_003 + step + i)  # same KL target sample on every rank
+        beta = scheduled_beta(config, step + i, max_steps * config.train.epochs)
         total, terms, z = loss_step(model, loss_fn, batch, config, gen, autocast, beta)
         opt.zero_grad(set_to_none=True)
-        total.backward()
+        (total if real else total * 0.0).backward()
         opt.step()
         sched.step()
-        n += 1
-        if loop_cfg.get("trace_dir"):
-            seen.extend(batch["label"].tolist())
-        for key, v in {**terms, "beta": torch.tensor(beta), **code_stats(z.detach())}.items():
-            sums[key] = sums[key] + v if key in sums else v
+        if real:
+            n += 1
+            if loop_cfg.get("trace_dir"):
+                seen.extend(batch["label"].tolist())
+            for key, v in {**terms, "beta": torch.tensor(beta), **code_stats(z.detach())}.items():
+                sums[key] = sums[key] + v if key in sums else v
         t_prev = time.perf_counter()
-    totals = {k: float(v) for k, v in sums.items()}
+    totals = {k: float(sums[k]) if k in sums else 0.0 for k in STEP_METRICS}
     totals["data_wait_s"] = wait  # time blocked on the input pipeline (summed; averaged per step on report)
     return totals, n, seen
+
+
+def _blank_batch(config: RunConfig, model, embedding_dim: int = 0) -> dict[str, torch.Tensor]:
+    """A local batch of black images, all unlabelled (-1), on the model's device: what a worker with an empty
+    shard steps with (its loss is multiplied by zero)."""
+    device = next(model.parameters()).device
+    n, size = config.train.batch_size // _world_size(), config.data.image_size
+    batch = {"image": torch.zeros(n, 3, size, size, dtype=torch.uint8, device=device),
+             "label": torch.full((n,), -1, dtype=torch.int64, device=device)}
+    if config.data.targets == "captions":
+        batch["target"] = torch.zeros(n, embedding_dim, device=device)
+    return batch
 
 
 def _write_history(path: str | None, history: list[dict]) -> None:
