@@ -95,3 +95,20 @@ def test_synthetic_hierarchy_and_labels(data_synthetic_small):
     centroids = np.stack([corner[lab_sup == s].mean(0) for s in range(4)])
     nearest = np.argmin(((corner[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
     assert (nearest == lab_sup).mean() > 0.95
+
+
+def test_sample_is_a_key_hash_subset_spread_over_every_class(data_cifar_small):
+    """``read_shards(sample=f)`` keeps exactly the keys whose crc32 / 2^32 < f (an independent computation), so a
+    validation subset covers the split's classes where ``limit`` takes the first rows of class-ordered shards."""
+    import zlib
+
+    split = str(data_cifar_small / "test")
+    rows = read_shards(split, mode="raw").take_all()
+    want = sorted(r["key"] for r in rows if zlib.crc32(r["key"].encode()) / 2**32 < 0.25)
+    got = read_shards(split, mode="eval", sample=0.25).take_all()
+    assert sorted(r["key"] for r in got) == want and 0 < len(want) < len(rows)
+    labels = {r["key"]: r["label"] for r in rows}
+    ordered = sorted(rows, key=lambda r: (r["label"], r["key"]))  # as an ImageNet folder's shards are written
+    first = {r["label"] for r in ordered[:len(want)]}
+    sampled = {labels[k] for k in want}
+    assert len(sampled) > len(first)  # the sample reaches more classes than the first rows of class-ordered data

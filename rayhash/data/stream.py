@@ -148,7 +148,8 @@ def _decode_block(block, batch_size: int, shuffle_seed: int | None, **decode_kwa
 
 def _decode_batch(batch, mode: str, image_size: int | None, targets_ref, counter,
                   classes: frozenset | None = None, with_source: bool = False,
-                  shard_uris: dict[str, str] | None = None, num_classes: int = 0) -> dict[str, np.ndarray]:
+                  shard_uris: dict[str, str] | None = None, num_classes: int = 0,
+                  sample: float | None = None) -> dict[str, np.ndarray]:
     cols = set(batch.column_names)
     n = batch.num_rows
     keys = batch.column("__key__").to_pylist()
@@ -167,6 +168,8 @@ def _decode_batch(batch, mode: str, image_size: int | None, targets_ref, counter
         found = tkeys[pos] == np.asarray(keys, dtype=tkeys.dtype) if len(tkeys) else np.zeros(n, bool)
     out_keys, out_imgs, out_labels, out_rows, skipped = [], [], [], [], []
     for i in range(n):
+        if sample is not None and key_fraction(keys[i]) >= sample:
+            continue  # not in the sample (decided by the key alone, before decoding)
         if imgs[i] is None or (isinstance(imgs[i], float)):
             skipped.append((keys[i], urls[i], "no image member"))
             continue
@@ -236,6 +239,11 @@ def load_caption_embeddings(path: str) -> tuple[np.ndarray, np.ndarray]:
     return keys[order], emb[order]
 
 
+def key_fraction(key: str) -> float:
+    """A sample key's fixed position in [0, 1) (crc32 of the key): ``read_shards(sample=f)`` keeps keys below f."""
+    return zlib.crc32(key.encode()) / 2**32
+
+
 def caption_embedding_dim(path: str) -> int:
     """Length E of the caption embeddings in a Parquet file or folder (reads one row)."""
     import pyarrow.dataset as pads
@@ -250,7 +258,8 @@ def caption_embedding_dim(path: str) -> int:
 def read_shards(source: str | Sequence[str], *, mode: str = "train", image_size: int | None = None,
                 shuffle: bool = False, seed: int = 0, caption_embeddings: str | None = None,
                 batch_size: int = 64, concurrency: int | None = None,
-                classes: Sequence[int] | None = None, with_source: bool = False, num_classes: int = 0):
+                classes: Sequence[int] | None = None, with_source: bool = False, num_classes: int = 0,
+                sample: float | None = None):
     """Stream WebDataset shards as a ``ray.data.Dataset`` with columns ``key`` (str), ``image``, ``label``
     (int64, -1 when unlabelled) and, with ``caption_embeddings`` (Parquet key -> embedding), ``target``.
 
@@ -263,6 +272,9 @@ def read_shards(source: str | Sequence[str], *, mode: str = "train", image_size:
     ``batch_size``: rows decoded per call (output blocks hold whole shards either way).
     Works as a Ray Train dataset (``TorchTrainer(datasets={"train": ds})`` + ``get_dataset_shard``) and for
     ``map_batches`` inference. ``classes``: keep only samples with these labels (before decoding).
+    ``sample`` in (0, 1]: keep the samples whose key hashes below that fraction (:func:`key_fraction`, before
+    decoding): a fixed subset spread over every shard and class, where ``limit`` would take the first classes of
+    class-ordered shards.
     ``with_source``: add a ``source`` column, the shard URL each row came from (as :func:`shard_urls` names it,
     scheme included). ``num_classes`` > 0: a ``cls`` outside ``0..num_classes-1`` is skipped and counted (it would
     index past the classifier). Skipped samples: see :func:`skip_counts`.
@@ -291,7 +303,7 @@ def read_shards(source: str | Sequence[str], *, mode: str = "train", image_size:
                                      "mode": mode, "image_size": image_size, "targets_ref": targets_ref,
                                      "counter": counter,
                                      "classes": None if classes is None else frozenset(int(c) for c in classes),
-                                     "with_source": with_source, "num_classes": num_classes,
+                                     "with_source": with_source, "num_classes": num_classes, "sample": sample,
                                      "shard_uris": {storage.filesystem_path(u): u for u in urls}})
 
 

@@ -116,6 +116,7 @@ def _fit(config: RunConfig, run: RunDir, store: str, address: str | None) -> Tra
         "config": config.model_dump(), "num_classes": num_classes, "steps_per_epoch": steps,
         "embedding_dim": caption_embedding_dim(caption_embeddings) if d.targets == "captions" else 0,
         "similarity": similarity, "val_source": val_source, "metrics_path": run.metrics,
+        "val_count": info.count(val_split) if val_split else 0,
         "tensorboard_dir": run.file(run.TENSORBOARD) if config.train.tensorboard and not storage.is_remote(out)
         else None,
         "fault": os.environ.get("RAYHASH_FAULT_INJECT"),  # tests: rank=R,step=S,marker=FILE

@@ -133,9 +133,13 @@ def _val_arrays(loop_cfg: dict, config: RunConfig) -> dict[str, np.ndarray] | No
     n = config.validation.subset
     if not loop_cfg.get("val_source") or n == 0:
         return None
+    total = int(loop_cfg.get("val_count") or 0)
+    # about n images spread over the whole split, chosen by key hash before decoding: the first n rows of
+    # class-ordered shards (ImageNet folders) would hold a few classes and overstate mAHP
+    sample = n / total if n and total and n < total else None
     ds = read_shards(loop_cfg["val_source"], mode="eval", image_size=config.data.image_size,
-                     num_classes=loop_cfg["num_classes"])
-    ds = ds.limit(n) if n else ds
+                     num_classes=loop_cfg["num_classes"], sample=sample)
+    ds = ds.limit(n) if n and not total else ds
     images, labels = [], []
     for b in ds.select_columns(["image", "label"]).iter_batches(batch_size=256, batch_format="numpy"):
         images.append(np.asarray(b["image"]))  # uint8: the network normalises on the device
