@@ -7,7 +7,11 @@ IndexBinaryFlat vs numpy brute force.
 ``--codes random``: uniform codes (multi-index hashing falls back to its scan). ``--codes clustered``: learned-code
 stand-ins from :func:`clustered_codes` — ``--supers`` superclass prototypes, ``--classes`` class prototypes that
 flip each superclass bit with probability ``--class-noise``, items that flip each class bit with probability
-``--item-noise``; queries are fresh items of the same classes. Exactness of every sharded method against the single
+``--item-noise``; queries are fresh items of the same classes. ``--codes real``: codes that a trained checkpoint
+wrote (``--real-codes``: a `rayhash encode` output folder, e.g. the CIFAR recipe's training split), replicated to
+``--n`` with each copy's bits flipped with probability ``--item-noise`` (the originals kept once); queries are
+``--real-queries`` codes when given (e.g. the held-out split's), else noisy copies of random database codes.
+Exactness of every sharded method against the single
 FAISS index is checked in the same run on ``--check`` queries.
 
 Prints queries/s and codes compared/s for each, the ratio to the single FAISS index in its faster k-selection
@@ -48,6 +52,32 @@ def clustered_codes(n: int, bits: int, classes: int, supers: int, class_noise: f
     return np.packbits(raw, axis=1), labels
 
 
+def replicate_codes(base: np.ndarray, n: int, noise: float, rng: np.random.Generator,
+                    keep_originals: bool = True) -> np.ndarray:
+    """n packed codes from ``base``: the originals first (when ``keep_originals``), then copies of random base
+    codes with each bit flipped with probability ``noise``."""
+    start = min(n, len(base)) if keep_originals else 0
+    picks = base[rng.integers(0, len(base), n - start)]
+    flips = np.packbits(rng.random((n - start, base.shape[1] * 8)) < noise, axis=1)
+    return np.concatenate([base[:start], picks ^ flips])
+
+
+def real_codes(args, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(database, queries) for ``--codes real`` (see the module docstring)."""
+    from rayhash.index import read_codes
+
+    base = read_codes(args.real_codes).codes
+    db = replicate_codes(base, args.n, args.item_noise, rng)
+    if args.real_queries:
+        q = read_codes(args.real_queries).codes
+        q = q[rng.permutation(len(q))[:args.nq]] if len(q) >= args.nq else replicate_codes(q, args.nq,
+                                                                                           args.item_noise, rng)
+    else:
+        q = replicate_codes(base[rng.integers(0, len(base), args.nq)], args.nq, args.item_noise, rng,
+                            keep_originals=False)
+    return db, q
+
+
 def popcount_limit() -> float:
     """Compares/s of one 64-bit XOR+POPCNT per cycle on every core, at the clock /proc/cpuinfo reports."""
     try:
@@ -77,7 +107,9 @@ def main(argv=None) -> int:
     p.add_argument("--numpy-queries", type=int, default=50, help="queries timed for the (slow) numpy baseline")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--skip-ray", action="store_true")
-    p.add_argument("--codes", choices=["random", "clustered"], default="random")
+    p.add_argument("--codes", choices=["random", "clustered", "real"], default="random")
+    p.add_argument("--real-codes", default=None, help="--codes real: a `rayhash encode` output folder")
+    p.add_argument("--real-queries", default=None, help="--codes real: codes folder of the queries (optional)")
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--supers", type=int, default=20)
     p.add_argument("--class-noise", type=float, default=0.15)
@@ -92,10 +124,14 @@ def main(argv=None) -> int:
     from rayhash.index.codes import write_codes
 
     rng = np.random.default_rng(0)
-    nbytes = args.bits // 8
-    if args.codes == "random":
-        db = rng.integers(0, 256, (args.n, nbytes), dtype=np.uint8)
-        q = rng.integers(0, 256, (args.nq, nbytes), dtype=np.uint8)
+    if args.codes == "real":
+        if not args.real_codes:
+            p.error("--codes real needs --real-codes FOLDER (codes written by `rayhash encode`)")
+        db, q = real_codes(args, rng)
+        args.bits, args.nq = db.shape[1] * 8, len(q)
+    elif args.codes == "random":
+        db = rng.integers(0, 256, (args.n, args.bits // 8), dtype=np.uint8)
+        q = rng.integers(0, 256, (args.nq, args.bits // 8), dtype=np.uint8)
     else:
         both, _ = clustered_codes(args.n + args.nq, args.bits, args.classes, args.supers, args.class_noise,
                                   args.item_noise, rng)

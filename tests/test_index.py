@@ -272,3 +272,38 @@ def test_capacity_plan_follows_its_model():
     assert a["shards"] == 1e9 // (0.1 * 4e8) and a["bytes/code"] == 8 + 48 and m["bytes/code"] == 8 + 48 + 32
     assert m["cores for rate"] == a["cores for rate"] / 4 and m["nodes"] < a["nodes"]
     assert a["latency ms"] <= 200 and a["utilisation"] <= 0.7
+
+
+def test_flat_search_is_exact_with_either_k_selection(index_flat_indices, index_random_codes, queries):
+    """A key-ordered flat group times FAISS's two k-selections (counting, heap) on live batches and keeps the
+    faster: both must give the exact top-k by (distance, key), whichever a call uses, for k across tie groups."""
+    _, keys, codes, labels = index_random_codes
+    with ShardedIndex.open(index_flat_indices[3]) as index:
+        shard = index._group.shards[0]
+        assert len(index._group.shards) == 1 and shard.key_ordered  # the 3 flat shards merged in key order
+        for k in (1, 5, 37, 200, 1499):
+            order, dist = brute_topk(queries, codes, keys, k)
+            for _ in range(3):  # the first two calls try both selections, the rest use the faster
+                assert_same_topk(index.search(queries, k), keys, labels, order, dist)
+        assert all(n > 0 for _, n in shard._selection.values())  # both selections answered some of the calls
+
+
+def test_bench_search_real_codes_are_replicated_with_the_asked_noise(tmp_path):
+    """benchmarks/bench_search.py --codes real: the originals are kept once, copies flip each bit with the given
+    probability (measured against their source code), and the database has the size asked."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_search", os.path.join(os.path.dirname(__file__), "..",
+                                                                               "benchmarks", "bench_search.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    keys, codes, labels = index_random_table(n=300, bits=64, seed=4)
+    index_write_code_dir(tmp_path, keys, codes, labels, files=2)
+    args = bench.argparse.Namespace(real_codes=str(tmp_path), real_queries=None, n=20_000, nq=500,
+                                    item_noise=0.05)
+    db, q = bench.real_codes(args, np.random.default_rng(0))
+    assert db.shape == (20_000, 8) and q.shape == (500, 8)
+    np.testing.assert_array_equal(db[:300], codes)
+    # every copy is within a few bits of some original; the mean distance to the nearest is ~ 64 * 0.05
+    nearest = np.unpackbits(db[300:2300, None, :] ^ codes[None], axis=2).sum(2).min(1)
+    assert 2.4 < nearest.mean() < 3.6

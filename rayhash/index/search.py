@@ -16,6 +16,7 @@ import hashlib
 import math
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -199,6 +200,7 @@ class Shard:
         self.overfetch = 2  # first FAISS call asks for overfetch*k+8; doubled while ties often run past that
         self.key_ordered = False  # ids in key order (see ShardGroup._merge_flat): FAISS's top-k is exact as it is
         self._mih_calls, self._mih_found = 0, 1.0  # mih: batches searched, share answered by probing last time
+        self._selection = {False: (0.0, 0), True: (0.0, 0)}  # use_heap -> (summed s/query, batches): see below
         configure(index, index_type, params)
         self.scan = index.storage if index_type == "mih" else index  # what a k-NN scan searches
         self.gpu_index = None
@@ -295,9 +297,30 @@ class Shard:
             out[pending] = self._scan_search(q[pending], k)
         return out
 
+    def _key_ordered_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS search of a key-ordered flat index with the faster of its two k-selections, both exact by
+        (distance, id): counting (``use_heap=False``) wins on random codes, the heap on clustered ones (many codes
+        near the query cut its candidate lists short). Each is timed per query on live batches: both are tried
+        first, then the faster is used and the other re-tried every 32nd batch, so a change in the queries is seen."""
+        stats = self._selection
+        calls = sum(n for _, n in stats.values())
+        untried = [h for h, (_, n) in stats.items() if n == 0]
+        if untried:
+            heap = untried[0]
+        else:
+            best = min(stats, key=lambda h: stats[h][0] / stats[h][1])
+            heap = best if calls % 32 else not best
+        self.scan.use_heap = heap
+        t0 = time.perf_counter()
+        out = self.scan.search(q, k)
+        per_query = (time.perf_counter() - t0) / max(1, len(q))
+        total, n = stats[heap]
+        stats[heap] = (per_query, 1) if n >= 8 else (total + per_query, n + 1)  # recent average (resets after 8)
+        return out
+
     def _scan_search(self, q: np.ndarray, k: int) -> np.ndarray:
         if self.key_ordered and self.gpu_index is None:
-            d, i = self.scan.search(q, min(k, self.ntotal))
+            d, i = self._key_ordered_search(q, min(k, self.ntotal))
             valid = i >= 0
             return smallest(np.where(valid, d.astype(np.int64) * self.stride + self.rank[np.where(valid, i, 0)],
                                      _EMPTY), k)
@@ -377,7 +400,8 @@ class ShardGroup:
     def _merge_flat(shards: list[Shard]) -> list[Shard]:
         """CPU flat shards become one FAISS index over all their codes, in key order: one search call per batch
         instead of one per shard plus a merge (FAISS parallelises over queries itself), and FAISS's counting
-        k-selection keeps the lowest ids among equal distances, which in key order are the lowest keys, so its top-k
+        k-selections (counting, and the heap, which breaks ties by id) keep the lowest ids among equal distances,
+        which in key order are the lowest keys, so its top-k
         is already the exact top-k by (distance, key): no over-fetch, no second scan for ties. A group is then as
         fast as a single IndexBinaryFlat at every size. Other types, and GPU shards, stay as they are."""
         import faiss
