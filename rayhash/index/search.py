@@ -198,7 +198,7 @@ class Shard:
         self.rank = np.arange(self.ntotal, dtype=np.int64)
         self.stride = self.ntotal + 1
         self.overfetch = 2  # first FAISS call asks for overfetch*k+8; doubled while ties often run past that
-        self.key_ordered = False  # ids in key order (see ShardGroup._merge_flat): FAISS's top-k is exact as it is
+        self.key_ordered = False  # ids in key order (see ShardGroup._merge): FAISS's top-k is exact as it is
         self._mih_calls, self._mih_found = 0, 1.0  # mih: batches searched, share answered by probing last time
         self._selection = {False: (0.0, 0), True: (0.0, 0)}  # use_heap -> (summed s/query, batches): see below
         configure(index, index_type, params)
@@ -268,34 +268,59 @@ class Shard:
         return self._scan_search(q, k)
 
     def _mih_search(self, q: np.ndarray, k: int) -> np.ndarray:
-        """Multi-index hashing, exact: probe every table with f = 0, 1, ... ``max_flips`` flips, which finds every code
-        within radius r = (f+1)·nhash - 1 of the query; a query with at least k codes within r has its exact top-k
-        among them (the k-th nearest is within r, and so is every code tied with it). Queries still short of k
-        after ``max_flips`` are answered by a scan of the shard's codes. When probing answered under a quarter of
-        the last batch (codes far apart: random ones), batches go straight to the scan, probing again every 8th."""
-        m, kk = int(self.params["nhash"]), min(k, self.ntotal)
+        """Multi-index hashing, exact: FAISS's k-NN over the codes found by probing every table with f = 0, 1, ...
+        ``max_flips`` flips. Those candidates hold every code within radius r = (f+1)·m - 1 of the query (m tables),
+        so a query whose k-th nearest candidate is within r has its exact top-k among them, once the tie group at
+        that distance is complete: the candidate list ran out, or goes past that distance (it holds 2k+8), or a
+        range search at that distance completes it. Queries still short after ``max_flips`` are answered by a scan
+        of the shard's codes. When probing answered under a quarter of the last batch (codes far apart: random
+        ones), batches go straight to the scan, probing again every 8th."""
+        m, kk = int(self.index.nhash), min(k, self.ntotal)  # tables: chosen per shard at build
         self._mih_calls += 1
         if self._mih_found < 0.25 and self._mih_calls % 8:  # probing rarely pays off on these codes: scan, and
             return self._scan_search(q, k)                   # probe again every 8th batch to notice a change
         out = np.full((len(q), k), _EMPTY, np.int64)
-        pending = np.arange(len(q))
+        pending, fetch = np.arange(len(q)), min(self.ntotal, 2 * kk + 8)
         for flips in range(int(self.params["max_flips"]) + 1):
             if not len(pending):
                 break
-            qid, d, ranks = self.range_search(q[pending], (flips + 1) * m - 1)
-            done = np.bincount(qid, minlength=len(pending)) >= kk
-            if done.any():
-                sel = done[qid]
-                qs, c = qid[sel], d[sel].astype(np.int64) * self.stride + ranks[sel]
-                order = np.lexsort((c, qs))
-                qs, c = qs[order], c[order]
-                starts = np.searchsorted(qs, np.flatnonzero(done))
-                out[pending[done], :kk] = c[starts[:, None] + np.arange(kk)]
-            pending = pending[~done]
+            self.index.nflip = flips
+            try:
+                d, i = self.index.search(q[pending], fetch)
+            finally:
+                self.index.nflip = 0
+            kth = d[:, kk - 1].astype(np.int64)
+            within = (i[:, kk - 1] >= 0) & (kth <= (flips + 1) * m - 1)
+            complete = within & ((i[:, -1] < 0) | (d[:, -1] > kth))
+            rows = np.flatnonzero(complete)
+            if len(rows):
+                valid = i[rows] >= 0
+                c = np.where(valid, d[rows].astype(np.int64) * self.stride + self.rank[np.where(valid, i[rows], 0)],
+                             _EMPTY)
+                out[pending[rows]] = smallest(c, k)
+            rows = np.flatnonzero(within & ~complete)  # ties run past the list: all codes within the k-th distance
+            if len(rows):
+                out[pending[rows], :kk] = self._topk_within(q[pending[rows]], kth[rows], kk, self.range_search)
+            pending = pending[~within]
         self._mih_found = 1.0 - len(pending) / max(1, len(q))  # share of queries answered by probing
         if len(pending):
             out[pending] = self._scan_search(q[pending], k)
         return out
+
+    def _topk_within(self, q: np.ndarray, kth: np.ndarray, k: int, range_search) -> np.ndarray:
+        """Exact top-k by (distance, rank) of queries that have at least k codes within their ``kth`` distance:
+        one range search to the largest of them, then each query's k smallest within its own."""
+        qid, rd, ranks = range_search(q, int(kth.max()))
+        keep = rd <= kth[qid]
+        qid, c = qid[keep], rd[keep].astype(np.int64) * self.stride + ranks[keep]
+        order = np.lexsort((c, qid))
+        qid, c = qid[order], c[order]
+        return c[np.searchsorted(qid, np.arange(len(q)))[:, None] + np.arange(k)]
+
+    def _scan_range(self, q: np.ndarray, radius: int) -> tuple[np.ndarray, ...]:
+        """``range_search`` by scanning the shard's codes: ``(qid, distances, ranks)``."""
+        lims, rd, ri = self.scan.range_search(q, radius + 1)  # faiss: strictly below
+        return np.repeat(np.arange(len(q)), np.diff(lims.astype(np.int64))), rd, self.rank[ri]
 
     def _key_ordered_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """FAISS search of a key-ordered flat index with the faster of its two k-selections, both exact by
@@ -335,14 +360,7 @@ class Shard:
         if len(rows):
             if len(rows) > len(q) // 32 and self.overfetch < 64:
                 self.overfetch *= 2  # fewer rows need the extra scan next time
-            kth = d[rows, k - 1].astype(np.int64)
-            lims, rd, ri = self.scan.range_search(q[rows], int(kth.max()) + 1)  # faiss: strictly below
-            qid = np.repeat(np.arange(len(rows)), np.diff(lims.astype(np.int64)))
-            keep = rd <= kth[qid]
-            qid, c = qid[keep], rd[keep].astype(np.int64) * self.stride + self.rank[ri[keep]]
-            order = np.lexsort((c, qid))
-            qid, c = qid[order], c[order]
-            top[rows] = c[np.searchsorted(qid, np.arange(len(rows)))[:, None] + np.arange(k)]
+            top[rows] = self._topk_within(q[rows], d[rows, k - 1].astype(np.int64), k, self._scan_range)
         return top
 
     def range_search(self, q: np.ndarray, radius: int) -> tuple[np.ndarray, ...]:
@@ -354,7 +372,7 @@ class Shard:
         if self.index_type == "hash":
             index.nflip = max(saved, radius)
         elif self.index_type in ("multihash", "mih"):
-            index.nflip = max(saved, math.ceil((radius + 1) / int(self.params["nhash"])) - 1)
+            index.nflip = max(saved, math.ceil((radius + 1) / int(index.nhash)) - 1)
         try:
             lims, d, i = index.range_search(q, radius + 1)  # faiss: strictly below the threshold
         finally:
@@ -391,33 +409,38 @@ class ShardGroup:
         offsets = np.cumsum([0] + [s.ntotal for s in shards])
         for s, a in zip(shards, offsets):  # the group's sorted tables replace the shards' own copies
             s.rank, s.stride, s.keys, s.labels = rank[a:a + s.ntotal], self.stride, None, None
-        self.shards = self._merge_flat(shards)
+        self.shards = self._merge(shards)
         # threads over shards; one (merged) index: FAISS's own threads do the work
         self.threads = max(1, min(len(self.shards), threads or os.cpu_count() or 1))
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
 
     @staticmethod
-    def _merge_flat(shards: list[Shard]) -> list[Shard]:
-        """CPU flat shards become one FAISS index over all their codes, in key order: one search call per batch
-        instead of one per shard plus a merge (FAISS parallelises over queries itself), and FAISS's counting
-        k-selections (counting, and the heap, which breaks ties by id) keep the lowest ids among equal distances,
-        which in key order are the lowest keys, so its top-k
-        is already the exact top-k by (distance, key): no over-fetch, no second scan for ties. A group is then as
-        fast as a single IndexBinaryFlat at every size. Other types, and GPU shards, stay as they are."""
+    def _merge(shards: list[Shard]) -> list[Shard]:
+        """CPU flat shards, or mih shards, become one FAISS index of their type over all their codes, in key order.
+        Flat: one search call per batch instead of one per shard plus a merge (FAISS parallelises over queries
+        itself), and FAISS's k-selections (counting, and the heap, which breaks ties by id) keep the lowest ids
+        among equal distances, which in key order are the lowest keys, so its top-k is already the exact top-k by
+        (distance, key): no over-fetch, no second scan for ties; a group is as fast as a single IndexBinaryFlat at
+        every size. Mih: the probes per query are per index, not per code, so one index over the group's codes
+        (its tables sized for all of them) probes once where n shards probe n times. Other types, and GPU shards,
+        stay as they are."""
         import faiss
 
-        if not shards or any(s.index_type != "flat" or s.gpu_index is not None for s in shards):
+        from rayhash.index.types import make_faiss_index
+
+        kinds = {s.index_type for s in shards}
+        if not shards or len(kinds) != 1 or kinds - {"flat", "mih"} or any(s.gpu_index is not None for s in shards):
             return shards
-        d = shards[0].index.d
-        codes = np.concatenate([faiss.vector_to_array(s.index.xb).reshape(s.ntotal, d // 8) for s in shards])
+        kind, d = kinds.pop(), shards[0].scan.d
+        codes = np.concatenate([faiss.vector_to_array(s.scan.xb).reshape(s.ntotal, d // 8) for s in shards])
         rank = np.concatenate([s.rank for s in shards])
         for s in shards:
             s.index = s.scan = None  # the shards' own copies go as the merged index is built
         order = np.argsort(rank, kind="stable")
-        merged = faiss.IndexBinaryFlat(d)
-        merged.add(np.ascontiguousarray(codes[order]))
+        codes = np.ascontiguousarray(codes[order])
+        merged = make_faiss_index(kind, d, shards[0].params, codes)
         del codes
-        one = Shard(f"{shards[0].name}..{shards[-1].name}", merged, np.empty(0, str), np.empty(0, np.int32), "flat",
+        one = Shard(f"{shards[0].name}..{shards[-1].name}", merged, np.empty(0, str), np.empty(0, np.int32), kind,
                     shards[0].params, use_gpu=False)
         one.rank, one.stride, one.key_ordered = rank[order], shards[0].stride, True
         return [one]

@@ -34,11 +34,25 @@ def _multihash_params(bits: int) -> dict[str, Any]:
 @INDEX_TYPES.register("mih", help="exact k-NN by multi-index hashing: nhash tables of bits/nhash bits probed with a "
                                    "growing radius, a scan when that is cheaper (fast on clustered codes)",
                       factory="BHash{nhash}x{hash_bits}", faiss_class="IndexBinaryMultiHash",
-                      complete=lambda p, bits: {**p, "hash_bits": bits // int(p["nhash"])})
+                      complete=lambda p, bits: {**p, "hash_bits": bits // int(p["nhash"]) if p["nhash"] else None})
 def _mih_params(bits: int) -> dict[str, Any]:
     # Norouzi, Punjani & Fleet (2012): a code within radius r of the query is within floor(r/m) bits of it on at
     # least one of the m substrings. Probing every table with f flips finds all codes within (f+1)·m - 1, exactly.
-    return {"nhash": max(1, bits // 16), "hash_bits": None, "max_flips": 1}
+    # nhash None: chosen per shard from its size (mih_tables).
+    return {"nhash": None, "hash_bits": None, "max_flips": 1}
+
+
+MIH_MAX_TABLE_BITS = 32
+
+
+def mih_tables(bits: int, n: int) -> tuple[int, int]:
+    """(tables m, bits per table) for multi-index hashing over n codes: substrings of about log2(n) bits, as
+    Norouzi et al. advise (then a query's substring matches a few codes per bucket, not a large share of the
+    shard), m = round(bits / log2 n), each table bits // m bits (at most 32; leftover bits are in no table, which
+    keeps the search exact: a code within radius r overall is within r on the bits the tables cover)."""
+    per = min(MIH_MAX_TABLE_BITS, max(4, round(math.log2(max(n, 16)))))
+    m = max(1, math.ceil(bits / MIH_MAX_TABLE_BITS), min(bits, round(bits / per)))
+    return m, bits // m
 
 
 @INDEX_TYPES.register("ivf", help="approximate k-NN over nlist inverted lists, trained on a sample",
@@ -59,10 +73,11 @@ def default_params(index_type: str, bits: int, **overrides: Any) -> dict[str, An
     complete = kind.extra.get("complete")
     if complete is not None:
         params = complete(params, bits)
-    if index_type == "mih" and int(params["nhash"]) * int(params["hash_bits"]) != bits:
-        raise ValueError(f"index type 'mih': nhash={params['nhash']} tables must split the {bits} bits evenly "
-                         f"(substrings of {bits}/nhash bits, at most 64 each); choose nhash among "
-                         f"{[m for m in range(1, bits + 1) if bits % m == 0 and bits // m <= 64]}")
+    if index_type == "mih" and params["nhash"] and not 1 <= params["hash_bits"] <= MIH_MAX_TABLE_BITS:
+        low = math.ceil(bits / MIH_MAX_TABLE_BITS)
+        raise ValueError(f"index type 'mih': nhash={params['nhash']} tables of {params['hash_bits']} bits; each table "
+                         f"takes 1 to {MIH_MAX_TABLE_BITS} of the {bits} bits: choose nhash from {low} to {bits}, or "
+                         "leave it out (chosen per shard from its size)")
     return params
 
 
@@ -75,6 +90,8 @@ def make_faiss_index(index_type: str, bits: int, params: dict[str, Any], codes: 
         params["nlist"] = max(1, min(int(4 * math.sqrt(n)), n // 39))
     if "nlist" in params:
         params["nlist"] = max(1, min(int(params["nlist"]), n))
+    if index_type == "mih" and not params.get("nhash"):
+        params["nhash"], params["hash_bits"] = mih_tables(bits, n)
     index = faiss.index_binary_factory(bits, INDEX_TYPES[index_type].factory.format(**params))
     if not index.is_trained:
         rng = np.random.default_rng(seed)
