@@ -87,6 +87,12 @@ def popcount_limit() -> float:
     return (len(mhz) or os.cpu_count() or 1) * (max(mhz) if mhz else 2000.0) * 1e6
 
 
+def _rss() -> int:
+    """Resident memory of this process in bytes (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def best_time(fn, repeat: int) -> float:
     times = []
     for _ in range(repeat):
@@ -151,8 +157,20 @@ def main(argv=None) -> int:
     build_index(os.path.join(tmp, "codes"), os.path.join(tmp, "mih"), index_type="mih", shards=args.shards)
     print(f"build mih ({args.shards} Ray tasks): {time.perf_counter() - t:.2f}s")
 
+    rss = _rss()
     single = faiss.IndexBinaryFlat(args.bits)
     single.add(db)
+    flat_bytes = _rss() - rss
+    from rayhash.index.types import make_faiss_index
+
+    rss = _rss()
+    t = time.perf_counter()
+    one_mih = make_faiss_index("mih", args.bits, {"nhash": None, "hash_bits": None, "max_flips": 1}, db)
+    mih_build, mih_bytes = time.perf_counter() - t, _rss() - rss
+    print(f"memory per code (resident, one index over all codes): flat {flat_bytes / args.n:.1f} B, mih "
+          f"{mih_bytes / args.n:.1f} B ({one_mih.nhash} tables of {one_mih.b} bits; {mih_bytes / max(1, flat_bytes):.1f}x"
+          f" flat; built in {mih_build:.2f}s); the id maps (keys) come on top of either")
+    del one_mih
     results = {}
     results["faiss IndexBinaryFlat (1 index)"] = best_time(lambda: single.search(q, args.k), args.repeat)
     single.use_heap = False  # the counting k-selection rayhash's flat shards use
