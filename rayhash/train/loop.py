@@ -166,12 +166,6 @@ def validate(model, val: dict[str, np.ndarray], similarity: np.ndarray, k: int, 
 STEP_METRICS = ("loss", "ce", "sim", "kl", "beta", "bit_balance", "quant_error")  # summed per step by _run_epoch
 
 
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def _reduce_mean(sums: dict[str, float], count: int, device) -> dict[str, float]:
     """Average per-step sums over steps and workers. Every worker sends the same keys in the same order (a worker
     with zero steps too), so the all-reduce tensors match in size."""
@@ -315,7 +309,9 @@ def _blank_batch(config: RunConfig, model, embedding_dim: int = 0) -> dict[str, 
     """A local batch of black images, all unlabelled (-1), on the model's device: what a worker with an empty
     shard steps with (its loss is multiplied by zero)."""
     device = next(model.parameters()).device
-    n, size = config.train.batch_size // _world_size(), config.data.image_size
+    from rayhash.losses import world_size
+
+    n, size = config.train.batch_size // world_size(), config.data.image_size
     batch = {"image": torch.zeros(n, 3, size, size, dtype=torch.uint8, device=device),
              "label": torch.full((n,), -1, dtype=torch.int64, device=device)}
     if config.data.targets == "captions":
