@@ -176,9 +176,15 @@ def main(argv=None) -> int:
     single.use_heap = False  # the counting k-selection rayhash's flat shards use
     results["faiss IndexBinaryFlat (1 index, use_heap=False)"] = best_time(lambda: single.search(q, args.k),
                                                                           args.repeat)
+    rss = _rss()
     local = ShardedIndex.open(os.path.join(tmp, "index"), mode="local")
+    local_bytes = _rss() - rss
     results[f"sharded local ({args.shards} shards)"] = best_time(lambda: local.search(q, args.k), args.repeat)
     mih = ShardedIndex.open(os.path.join(tmp, "mih"), mode="local")
+    keymaps = max(0.0, local_bytes / args.n - flat_bytes / args.n)
+    print(f"memory per code of the opened sharded flat index: {local_bytes / args.n:.1f} B (its key and label maps "
+          f"~{keymaps:.0f} B); mih with the same maps: ~{keymaps + mih_bytes / args.n:.0f} B "
+          f"({(keymaps + mih_bytes / args.n) / max(1e-9, local_bytes / args.n):.1f}x)")
     results[f"sharded local mih ({args.shards} shards)"] = best_time(lambda: mih.search(q, args.k), args.repeat)
     sample = q[:args.check]
     want = single.search(sample, args.k)[0]
