@@ -115,6 +115,17 @@ wait_for() {  # wait_for DESCRIPTION COMMAND... : poll until COMMAND succeeds
   done
 }
 
+wait_or_exit() {  # wait_or_exit PIDFILE COMMAND... : 1 if that node's process ends before COMMAND succeeds, else 0
+  local pidfile="$1"; shift
+  local t=0
+  until "$@"; do
+    kill -0 "$(cat "$pidfile")" 2>/dev/null || return 1
+    ((t += 1))
+    ((t > WAIT_S)) && return 0  # still running but not answering: wait_for reports it
+    sleep 1
+  done
+}
+
 do_up() {
   local n="${1:-1}"
   [[ "$n" =~ ^[0-9]+$ ]] || die "N_WORKERS must be a number, got '$n'"
@@ -128,9 +139,18 @@ do_up() {
     (umask 077 && printf '%s' "$RAYHASH_LOCAL_TOKEN" >"$DIR/auth_token")
   fi
   node_env
-  start_node 0 --head --port "$PORT" --temp-dir "$DIR/ray" --num-cpus "$HEAD_CPUS" --num-gpus 0 \
-    --include-dashboard true --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" \
-    --ray-client-server-port $((PORT + 2))
+  local attempt
+  for attempt in 1 2; do  # Ray gives a starting node 30 s to register with its GCS: a loaded machine can miss that
+    start_node 0 --head --port "$PORT" --temp-dir "$DIR/ray" --num-cpus "$HEAD_CPUS" --num-gpus 0 \
+      --include-dashboard true --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" \
+      --ray-client-server-port $((PORT + 2))
+    if ((attempt == 2)) || wait_or_exit "$DIR/node-0.pid" api /api/version >/dev/null; then
+      break
+    fi
+    echo "$0: the head node exited while starting (log: $DIR/node-0.log); starting it once more" >&2
+    stop_group "$(cat "$DIR/node-0.pid")"
+    mv "$DIR/node-0.log" "$DIR/node-0.failed.log"
+  done
   wait_for "the head node" api /api/version >/dev/null
   local i
   for ((i = 1; i <= n; i++)); do

@@ -99,14 +99,15 @@ def _port_free(port: int) -> bool:
 
 
 @contextlib.contextmanager
-def local_cluster(workers: int = 1, token: str | None = None, cpus: int = 4) -> Iterator[LocalCluster]:
-    """Start ``cluster/local.sh up WORKERS`` on a free port range and a private temp dir; always ``down`` after."""
+def local_cluster(workers: int = 1, token: str | None = None, cpus: int = 4, **env: str) -> Iterator[LocalCluster]:
+    """Start ``cluster/local.sh up WORKERS`` on a free port range and a private temp dir; always ``down`` after.
+    ``env``: further variables for local.sh (e.g. ``RAYHASH_RAY``)."""
     if not shutil.which("curl") or not shutil.which("setsid"):
         pytest.skip("cluster/local.sh needs curl and setsid")
     port = _free_base_port()
     tmp = Path(tempfile.mkdtemp(prefix="rh-", dir="/tmp"))  # short: Ray's unix socket paths must fit 107 chars
     env = clean_env(RAYHASH_LOCAL_PORT=str(port), RAYHASH_LOCAL_DIR=str(tmp), RAYHASH_LOCAL_CPUS=str(cpus),
-                    RAYHASH_LOCAL_WAIT_S="150", **({"RAYHASH_LOCAL_TOKEN": token} if token else {}))
+                    RAYHASH_LOCAL_WAIT_S="150", **({"RAYHASH_LOCAL_TOKEN": token} if token else {}), **env)
     cluster = LocalCluster(port=port, dir=tmp, workers=workers, token=token, env=env)
     try:
         try:

@@ -196,3 +196,29 @@ def test_pip_resolves_each_extra_to_one_faiss(tmp_path, extra):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": str(CLUSTER.parent)})
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_local_sh_starts_the_head_again_when_its_first_start_dies(tmp_path):
+    """Ray gives a starting node 30 s to register with its GCS; on a loaded machine the head can miss that and exit
+    ("The current node timed out during startup"). local.sh starts it once more. Here the first head start exits at
+    once with that message (a wrapper in front of the real `ray`), the second is the real one."""
+    from fixtures_cluster import local_cluster
+
+    real = Path(sys.executable).parent / "ray"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    mark = tmp_path / "failed-once"
+    wrapper = bin_dir / "ray"
+    wrapper.write_text("#!/bin/bash\n"
+                       f'if [[ "$*" == *--head* && ! -e {mark} ]]; then touch {mark}; '
+                       'echo "Exception: The current node timed out during startup." >&2; exit 1; fi\n'
+                       f'exec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    with local_cluster(workers=0, RAYHASH_RAY=str(wrapper)) as c:
+        assert mark.exists()
+        assert "timed out during startup" in (c.dir / "node-0.failed.log").read_text()
+        status = subprocess.run(["curl", "-sf", f"{c.address}/api/version"], capture_output=True, text=True,
+                                timeout=60)
+        assert status.returncode == 0 and "ray_version" in status.stdout

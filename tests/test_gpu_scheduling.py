@@ -89,8 +89,9 @@ def test_gpu_defaults_schedule_on_gpu_node_and_match_cpu(data_cifar_small, index
                                np.asarray(emb[0].column("embedding").to_pylist()), atol=1e-5)
 
 
-def _fake_cuda(monkeypatch, capability=(8, 0)):
-    """A machine with one CUDA GPU, as torch, faiss and the CUDA driver would report it (the hardware is absent)."""
+def _fake_cuda(monkeypatch, capability=(8, 0), wheel="faiss-gpu-cu12"):
+    """A machine with one CUDA GPU, as torch, faiss and the CUDA driver would report it (the hardware is absent),
+    with the faiss GPU ``wheel`` installed (its kernels' compute capabilities as measured)."""
     import faiss
     import torch
 
@@ -100,6 +101,7 @@ def _fake_cuda(monkeypatch, capability=(8, 0)):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(search, "gpu_capability", lambda device=0: capability)
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(search, "faiss_gpu_wheel", lambda: (wheel, *search.FAISS_GPU_WHEELS[wheel]))
     if not hasattr(faiss, "GpuIndexBinaryFlat"):
         monkeypatch.setattr(faiss, "GpuIndexBinaryFlat", object, raising=False)
 
