@@ -294,10 +294,7 @@ class Shard:
             complete = within & ((i[:, -1] < 0) | (d[:, -1] > kth))
             rows = np.flatnonzero(complete)
             if len(rows):
-                valid = i[rows] >= 0
-                c = np.where(valid, d[rows].astype(np.int64) * self.stride + self.rank[np.where(valid, i[rows], 0)],
-                             _EMPTY)
-                out[pending[rows]] = smallest(c, k)
+                out[pending[rows]] = smallest(self._candidates(d[rows], i[rows]), k)
             rows = np.flatnonzero(within & ~complete)  # ties run past the list: all codes within the k-th distance
             if len(rows):
                 out[pending[rows], :kk] = self._topk_within(q[pending[rows]], kth[rows], kk, self.range_search)
@@ -306,6 +303,11 @@ class Shard:
         if len(pending):
             out[pending] = self._scan_search(q[pending], k)
         return out
+
+    def _candidates(self, d: np.ndarray, i: np.ndarray) -> np.ndarray:
+        """FAISS's (distances, ids) as int64 ``distance * stride + rank``, ``_EMPTY`` where FAISS found none (-1)."""
+        valid = i >= 0
+        return np.where(valid, d.astype(np.int64) * self.stride + self.rank[np.where(valid, i, 0)], _EMPTY)
 
     def _topk_within(self, q: np.ndarray, kth: np.ndarray, k: int, range_search) -> np.ndarray:
         """Exact top-k by (distance, rank) of queries that have at least k codes within their ``kth`` distance:
@@ -346,13 +348,10 @@ class Shard:
     def _scan_search(self, q: np.ndarray, k: int) -> np.ndarray:
         if self.key_ordered and self.gpu_index is None:
             d, i = self._key_ordered_search(q, min(k, self.ntotal))
-            valid = i >= 0
-            return smallest(np.where(valid, d.astype(np.int64) * self.stride + self.rank[np.where(valid, i, 0)],
-                                     _EMPTY), k)
+            return smallest(self._candidates(d, i), k)
         kk = min(self.ntotal, self.overfetch * k + 8)
         d, i = self._faiss_search(q, kk)
-        valid = i >= 0
-        top = smallest(np.where(valid, d.astype(np.int64) * self.stride + self.rank[np.where(valid, i, 0)], _EMPTY), k)
+        top = smallest(self._candidates(d, i), k)
         # The tie group at the k-th distance may continue past the kk-th hit. Those rows take everything within
         # their k-th distance from one range search (one more scan, however long the tie group) and their top-k
         # by (distance, key) from it.
