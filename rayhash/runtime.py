@@ -97,6 +97,12 @@ def bf16_supported(device) -> bool:
     return False
 
 
+def bf16_inference(device) -> bool:
+    """Whether inference (encoding, caption embedding) runs under bf16 autocast on ``device``: on CUDA GPUs with
+    bf16 only (on the CPU, inference stays float32)."""
+    return device.type == "cuda" and bf16_supported(device)
+
+
 def cluster_has_gpus() -> bool:
     """True when the connected Ray cluster has GPUs now, or can have them: an autoscaling cluster whose GPU groups
     start at zero nodes advertises none until something asks for one, so the autoscaler's maximum resources (its

@@ -74,13 +74,13 @@ class Encoder:
     """Images -> (continuous z, packed binary codes) with a trained checkpoint; CUDA when available."""
 
     def __init__(self, checkpoint: str | os.PathLike | LoadedModel, device: str | torch.device | None = None):
-        from rayhash.runtime import bf16_supported, torch_device
+        from rayhash.runtime import bf16_inference, torch_device
 
         self.loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_checkpoint(checkpoint)
         self.device = torch.device(device) if device is not None else torch_device()
         self.model = self.loaded.model.to(self.device).eval()
         self.bits, self.image_size = self.loaded.bits, self.loaded.image_size
-        self.autocast = self.device.type == "cuda" and bf16_supported(self.device)
+        self.autocast = bf16_inference(self.device)
         self._transform = None
 
     @torch.inference_mode()

@@ -50,11 +50,10 @@ def sentence_embeddings(texts: Sequence[str], model=None, batch_size: int = 64,
         return np.zeros((0, st.get_sentence_embedding_dimension()), dtype=np.float32)
     import torch
 
-    from rayhash.runtime import bf16_supported
+    from rayhash.runtime import bf16_inference
 
     # on a GPU with bf16, the transformer runs under bf16 autocast (inference: twice the throughput, half the memory)
-    with torch.autocast(device_type=st.device.type, dtype=torch.bfloat16,
-                        enabled=st.device.type == "cuda" and bf16_supported(st.device)):
+    with torch.autocast(device_type=st.device.type, dtype=torch.bfloat16, enabled=bf16_inference(st.device)):
         emb = st.encode(list(texts), batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True,
                         show_progress_bar=False)
     return np.asarray(emb, dtype=np.float32).reshape(len(texts), -1)
