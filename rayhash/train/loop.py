@@ -276,15 +276,12 @@ def _run_epoch(batches, max_steps: int, step: int, training, config: RunConfig, 
         batch = next(source, None)
         wait += time.perf_counter() - t_prev
         real = batch is not None
-        if real:
-            last = batch
-        elif last is None:
-            last = _blank_batch(config, model, loop_cfg.get("embedding_dim", 0))
-        if not real:
-            batch = last
-            if i == n:  # the first padding step of this epoch
+        if not real:  # padding: the last batch again (a blank one if there was none), without gradient
+            if i == n:
                 log.warning("worker %d: its shard ended after %d of %d steps (samples skipped?); it joins the "
                             "remaining steps without gradient", rank, n, max_steps)
+            batch = last if last is not None else _blank_batch(config, model, loop_cfg.get("embedding_dim", 0))
+        last = batch
         _maybe_fail(loop_cfg.get("fault"), rank, step + i)
         gen.manual_seed(config.train.seed * 1_000_003 + step + i)  # same KL target sample on every rank
         beta = scheduled_beta(config, step + i, max_steps * config.train.epochs)
@@ -308,9 +305,9 @@ def _run_epoch(batches, max_steps: int, step: int, training, config: RunConfig, 
 def _blank_batch(config: RunConfig, model, embedding_dim: int = 0) -> dict[str, torch.Tensor]:
     """A local batch of black images, all unlabelled (-1), on the model's device: what a worker with an empty
     shard steps with (its loss is multiplied by zero)."""
-    device = next(model.parameters()).device
     from rayhash.losses import world_size
 
+    device = next(model.parameters()).device
     n, size = config.train.batch_size // world_size(), config.data.image_size
     batch = {"image": torch.zeros(n, 3, size, size, dtype=torch.uint8, device=device),
              "label": torch.full((n,), -1, dtype=torch.int64, device=device)}
