@@ -102,6 +102,19 @@ def best_time(fn, repeat: int) -> float:
     return min(times)
 
 
+def best_times(fns: dict, repeat: int) -> dict:
+    """Best time of each function over ``repeat`` rounds that run every function once, in an order that rotates
+    from round to round: load that comes and goes (a shared machine) falls on all of them alike, so their ratios
+    hold where one-after-another timings would not."""
+    names, best = list(fns), {name: float("inf") for name in fns}
+    for r in range(repeat):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t = time.perf_counter()
+            fns[name]()
+            best[name] = min(best[name], time.perf_counter() - t)
+    return best
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=200_000, help="database codes")
@@ -111,7 +124,7 @@ def main(argv=None) -> int:
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--actors", type=int, default=2, help="Ray actors for mode='ray'")
     p.add_argument("--numpy-queries", type=int, default=50, help="queries timed for the (slow) numpy baseline")
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=5, help="timing rounds (each times every method once)")
     p.add_argument("--skip-ray", action="store_true")
     p.add_argument("--codes", choices=["random", "clustered", "real"], default="random")
     p.add_argument("--real-codes", default=None, help="--codes real: a `rayhash encode` output folder")
@@ -161,31 +174,33 @@ def main(argv=None) -> int:
     single = faiss.IndexBinaryFlat(args.bits)
     single.add(db)
     flat_bytes = _rss() - rss
-    from rayhash.index.types import make_faiss_index
+    from rayhash.index.types import default_params, make_faiss_index
 
     rss = _rss()
     t = time.perf_counter()
-    one_mih = make_faiss_index("mih", args.bits, {"nhash": None, "hash_bits": None, "max_flips": 1}, db)
+    one_mih = make_faiss_index("mih", args.bits, default_params("mih", args.bits), db)
     mih_build, mih_bytes = time.perf_counter() - t, _rss() - rss
     print(f"memory per code (resident, one index over all codes): flat {flat_bytes / args.n:.1f} B, mih "
           f"{mih_bytes / args.n:.1f} B ({one_mih.nhash} tables of {one_mih.b} bits; {mih_bytes / max(1, flat_bytes):.1f}x"
           f" flat; built in {mih_build:.2f}s); the id maps (keys) come on top of either")
     del one_mih
-    results = {}
-    results["faiss IndexBinaryFlat (1 index)"] = best_time(lambda: single.search(q, args.k), args.repeat)
-    single.use_heap = False  # the counting k-selection rayhash's flat shards use
-    results["faiss IndexBinaryFlat (1 index, use_heap=False)"] = best_time(lambda: single.search(q, args.k),
-                                                                          args.repeat)
     rss = _rss()
     local = ShardedIndex.open(os.path.join(tmp, "index"), mode="local")
     local_bytes = _rss() - rss
-    results[f"sharded local ({args.shards} shards)"] = best_time(lambda: local.search(q, args.k), args.repeat)
     mih = ShardedIndex.open(os.path.join(tmp, "mih"), mode="local")
     keymaps = max(0.0, local_bytes / args.n - flat_bytes / args.n)
     print(f"memory per code of the opened sharded flat index: {local_bytes / args.n:.1f} B (its key and label maps "
           f"~{keymaps:.0f} B); mih with the same maps: ~{keymaps + mih_bytes / args.n:.0f} B "
           f"({(keymaps + mih_bytes / args.n) / max(1e-9, local_bytes / args.n):.1f}x)")
-    results[f"sharded local mih ({args.shards} shards)"] = best_time(lambda: mih.search(q, args.k), args.repeat)
+    counting = faiss.IndexBinaryFlat(args.bits)  # the same codes, FAISS's counting k-selection
+    counting.use_heap = False
+    counting.add(db)
+    results = best_times({
+        "faiss IndexBinaryFlat (1 index)": lambda: single.search(q, args.k),
+        "faiss IndexBinaryFlat (1 index, use_heap=False)": lambda: counting.search(q, args.k),
+        f"sharded local ({args.shards} shards)": lambda: local.search(q, args.k),
+        f"sharded local mih ({args.shards} shards)": lambda: mih.search(q, args.k),
+    }, args.repeat)
     sample = q[:args.check]
     want = single.search(sample, args.k)[0]
     for name, index in (("flat", local), ("mih", mih)):

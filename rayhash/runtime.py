@@ -39,9 +39,19 @@ def init_ray(address: str | None = None, **kwargs) -> None:
         ray.init(address=address, **kwargs)
     else:
         kwargs.setdefault("include_dashboard", False)
+        # Ray Train's placement-group cleaner asks the dashboard's state API every second whether the train
+        # controller still lives; a local instance runs no dashboard, so each ask would log a warning all run long.
+        runtime_env = dict(kwargs.pop("runtime_env", None) or {})
+        runtime_env.setdefault("worker_process_setup_hook", "rayhash.runtime.quiet_worker_logs")
         log.info("starting a local Ray instance (pass --address to use a cluster)")
-        ray.init(**kwargs)
+        ray.init(runtime_env=runtime_env, **kwargs)
     _quiet_ray_data()
+
+
+def quiet_worker_logs() -> None:
+    """Ray worker set-up hook of the local instance: silence the one Ray logger that repeats a warning about the
+    absent dashboard every second (see :func:`init_ray`); errors still show."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def _quiet_ray_data() -> None:

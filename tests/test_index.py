@@ -221,13 +221,13 @@ def test_mih_is_exact_k_nn_on_clustered_and_random_codes(tmp_path, mode, ray_loc
     codes_dir = index_write_code_dir(tmp_path / "codes", keys, codes, labels)
     build_index(codes_dir, tmp_path / "mih", index_type="mih", shards=3)
     manifest = json.loads((tmp_path / "mih" / "manifest.json").read_text())
-    assert manifest["params"] == {"nhash": None, "hash_bits": None, "max_flips": 1}  # tables chosen per shard
+    assert manifest["params"] == {"nhash": None, "hash_bits": None, "max_flips": 3}  # tables chosen per shard
     queries = np.concatenate([codes[rng.choice(n, 10, replace=False)],  # near: found within the probed radius
                               rng.integers(0, 256, (6, bits // 8), dtype=np.uint8)])  # random: scan fallback
     full = brute_distances(queries, codes)
     with ShardedIndex.open(tmp_path / "mih", mode=mode) as index:
-        if mode == "local":  # the 3 shards merged into one index over 3,000 codes: tables of ~log2(3000) bits
-            assert [(s.index.nhash, s.index.b) for s in index._group.shards] == [(3, 10)]
+        if mode == "local":  # the 3 shards merged into one index over 3,000 codes: floor(32 / log2(3000)) tables
+            assert [(s.index.nhash, s.index.b) for s in index._group.shards] == [(2, 16)]
         for k in (1, 10, 57, n + 5):
             order, dist = brute_topk(queries, codes, keys, min(k, n))
             res = index.search(queries, k)
@@ -236,6 +236,12 @@ def test_mih_is_exact_k_nn_on_clustered_and_random_codes(tmp_path, mode, ray_loc
         order, dist = brute_topk(far, codes, keys, 10)
         for _ in range(3):
             assert_same_topk(index.search(far, 10), keys, labels, order, dist)
+        if mode == "local":  # a scan made to look dear: every batch probes, through all max_flips levels, still exact
+            for shard in index._group.shards:
+                shard._cost = {"probe": 0.0, "scan": float("inf")}
+            for k in (1, 10, 57):
+                order, dist = brute_topk(queries, codes, keys, k)
+                assert_same_topk(index.search(queries, k), keys, labels, order, dist)
         for radius in (0, 2, 5):
             rr = index.range_search(queries, radius)
             for i in range(len(queries)):
@@ -249,13 +255,16 @@ def _first(res, k):
 
 
 def test_mih_tables_follow_the_shard_size_and_refuse_oversized_tables():
-    """Tables of about log2(n) bits each (Norouzi et al.), at most 32; a given nhash is checked against that."""
+    """m = floor(bits / log2 n) tables (substrings of at least about log2 n bits, Norouzi et al.), at most 32 bits
+    each; a given nhash is checked against that."""
     from rayhash.index.types import default_params, mih_tables
 
-    assert mih_tables(64, 250_000) == (4, 16) and mih_tables(64, 2_500_000) == (3, 21)
-    assert mih_tables(64, 10**9) == (2, 32) and mih_tables(128, 10**6) == (6, 21) and mih_tables(16, 10) == (4, 4)
-    assert default_params("mih", 64, nhash=3) == {"nhash": 3, "hash_bits": 21, "max_flips": 1}
-    assert default_params("mih", 128) == {"nhash": None, "hash_bits": None, "max_flips": 1}
+    # 64 / log2(n): 250k -> 3.57, 2.5M -> 3.01, 10M -> 2.75, 1G -> 2.14; 128 / log2(1M) -> 6.4; 16 codes -> 4 tables
+    assert mih_tables(64, 250_000) == (3, 21) and mih_tables(64, 2_500_000) == (3, 21)
+    assert mih_tables(64, 10**7) == (2, 32) and mih_tables(64, 10**9) == (2, 32)
+    assert mih_tables(128, 10**6) == (6, 21) and mih_tables(16, 10) == (4, 4)
+    assert default_params("mih", 64, nhash=3) == {"nhash": 3, "hash_bits": 21, "max_flips": 3}
+    assert default_params("mih", 128) == {"nhash": None, "hash_bits": None, "max_flips": 3}
     with pytest.raises(ValueError, match="each table takes 1 to 32 of the 64 bits: choose nhash from 2 to 64"):
         default_params("mih", 64, nhash=1)
 

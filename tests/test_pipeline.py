@@ -36,3 +36,33 @@ def test_cli_reports_user_errors_in_one_line(tmp_path):
                           capture_output=True, text=True, env={**os.environ, "RAYHASH_DEBUG": ""})
     assert proc.returncode == 2
     assert str(missing) in proc.stderr and "Traceback" not in proc.stderr
+
+
+QUIET_SCRIPT = """
+import logging, sys, time
+import ray
+from rayhash.runtime import init_ray
+init_ray(num_cpus=1)
+@ray.remote
+def speak():
+    cleaner = logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner")
+    cleaner.warning("CLEANER-WARNING")
+    cleaner.error("CLEANER-ERROR")
+    logging.getLogger("ray.train.v2.other").warning("OTHER-WARNING")
+ray.get(speak.remote())
+time.sleep(5)  # worker output reaches the driver asynchronously
+ray.shutdown()
+"""
+
+
+@pytest.mark.timeout(300)
+def test_local_ray_instance_drops_only_the_per_second_dashboard_warning(tmp_path):
+    """A local instance runs no dashboard, so Ray Train's placement-group cleaner would warn every second of a run
+    that it cannot ask it; rayhash's local instance silences that logger's warnings in every worker, nothing else."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", QUIET_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=240, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "CLEANER-ERROR" in out and "OTHER-WARNING" in out, out[-3000:]
+    assert "CLEANER-WARNING" not in out

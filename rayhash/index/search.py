@@ -199,7 +199,8 @@ class Shard:
         self.stride = self.ntotal + 1
         self.overfetch = 2  # first FAISS call asks for overfetch*k+8; doubled while ties often run past that
         self.key_ordered = False  # ids in key order (see ShardGroup._merge): FAISS's top-k is exact as it is
-        self._mih_calls, self._mih_found = 0, 1.0  # mih: batches searched, share answered by probing last time
+        self._mih_calls = 0  # mih: batches searched
+        self._cost = {"probe": None, "scan": None}  # mih: measured seconds per query of each path (see _mih_search)
         self._selection = {False: (0.0, 0), True: (0.0, 0)}  # use_heap -> (summed s/query, batches): see below
         configure(index, index_type, params)
         self.scan = index.storage if index_type == "mih" else index  # what a k-NN scan searches
@@ -273,17 +274,30 @@ class Shard:
         so a query whose k-th nearest candidate is within r has its exact top-k among them, once the tie group at
         that distance is complete: the candidate list ran out, or goes past that distance (it holds 2k+8), or a
         range search at that distance completes it. Queries still short after ``max_flips`` are answered by a scan
-        of the shard's codes. When probing answered under a quarter of the last batch (codes far apart: random
-        ones), batches go straight to the scan, probing again every 8th."""
-        m, kk = int(self.index.nhash), min(k, self.ntotal)  # tables: chosen per shard at build
+        of the shard's codes.
+
+        Levels beyond one flip run only while the last level's time per query, times ``MIH_LEVEL_GROWTH`` (what one
+        more flip multiplies it by on learned codes), stays under a scan's. Which path a batch takes is decided by
+        measured time per query: the first batch probes, the next scans (unless
+        the first one's fallback scans already timed it), then each batch takes the cheaper. While probing costs more
+        than it saves (codes far apart: random ones, or queries whose neighbours are many bits away) every 8th batch
+        probes again, so the choice follows the queries."""
         self._mih_calls += 1
-        if self._mih_found < 0.25 and self._mih_calls % 8:  # probing rarely pays off on these codes: scan, and
-            return self._scan_search(q, k)                   # probe again every 8th batch to notice a change
+        probe, scan = self._cost["probe"], self._cost["scan"]
+        if probe is not None and (scan is None or (probe > scan and self._mih_calls % 8)):
+            t0 = time.perf_counter()
+            out = self._scan_search(q, k)
+            self._cost["scan"] = (time.perf_counter() - t0) / max(1, len(q))
+            return out
+        t0 = time.perf_counter()
+        m, kk = int(self.index.nhash), min(k, self.ntotal)  # tables: chosen per shard at build
         out = np.full((len(q), k), _EMPTY, np.int64)
         pending, fetch = np.arange(len(q)), min(self.ntotal, 2 * kk + 8)
+        level = 0.0  # seconds per query of the last probing level
         for flips in range(int(self.params["max_flips"]) + 1):
-            if not len(pending):
-                break
+            if not len(pending) or (flips >= 2 and (scan is None or level * MIH_LEVEL_GROWTH > scan)):
+                break  # a deeper level would likely cost more than scanning: the scan answers the rest
+            t1 = time.perf_counter()
             self.index.nflip = flips
             try:
                 d, i = self.index.search(q[pending], fetch)
@@ -298,10 +312,14 @@ class Shard:
             rows = np.flatnonzero(within & ~complete)  # ties run past the list: all codes within the k-th distance
             if len(rows):
                 out[pending[rows], :kk] = self._topk_within(q[pending[rows]], kth[rows], kk, self.range_search)
+            level = (time.perf_counter() - t1) / len(pending)
             pending = pending[~within]
-        self._mih_found = 1.0 - len(pending) / max(1, len(q))  # share of queries answered by probing
         if len(pending):
+            t1 = time.perf_counter()
             out[pending] = self._scan_search(q[pending], k)
+            if len(pending) >= 16:  # a handful of queries would overstate a scan's cost per query
+                self._cost["scan"] = (time.perf_counter() - t1) / len(pending)
+        self._cost["probe"] = (time.perf_counter() - t0) / max(1, len(q))
         return out
 
     def _candidates(self, d: np.ndarray, i: np.ndarray) -> np.ndarray:
@@ -379,6 +397,9 @@ class Shard:
                 index.nflip = saved
         qid = np.repeat(np.arange(len(q)), np.diff(lims.astype(np.int64)))
         return qid, d.astype(np.int32), self.rank[i]
+
+
+MIH_LEVEL_GROWTH = 6  # measured: one more flip costs 2-7x the level before on clustered and CIFAR codes at 10^7
 
 
 def smallest(c: np.ndarray, k: int) -> np.ndarray:
