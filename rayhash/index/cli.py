@@ -38,9 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--nhash", type=positive_int,
                    help="multihash, mih: number of hash tables (mih default: chosen per shard, floor(bits / log2(shard "
                         "size)))")
-    b.add_argument("--max-flips", type=nonnegative_int,
-                   help="mih: most bit flips per table probed before a query is answered by a scan (default 3; "
-                        "flips beyond 1 only while measured cheaper than the scan)")
+    b.add_argument("--max-flips", type=nonnegative_int, help="mih: most bit flips per table probed before a query is "
+                   "answered by a scan (default 3; flips beyond 1 only while measured cheaper than the scan)")
     b.add_argument("--nflip", type=nonnegative_int, help="hash/multihash: bit flips probed per table at k-NN search time")
     b.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     b.set_defaults(func=_build)
