@@ -281,3 +281,25 @@ def test_cli_convert_synthetic(tmp_path, ray_local, capsys):
     args = parser.parse_args(["data", "convert", "cifar100", "--out", str(tmp_path / "x")])
     with pytest.raises(ValueError, match="needs SRC"):
         args.func(args)
+
+
+def test_imagefolder_standin_files_cifar_classes_under_their_wordnet_synsets(tmp_path, ray_local):
+    """benchmarks/imagefolder_standin.py: every CIFAR-100 class on its own WordNet synset, so the converted
+    dataset's hierarchy puts related classes together (a tiger is nearer a leopard than a bicycle or a tulip)."""
+    shared("nltk_data/corpora/wordnet")
+    cifar = shared("cifar-100-python.tar.gz")
+    root, out = tmp_path / "standin", tmp_path / "ds"
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "imagefolder_standin.py")
+    proc = subprocess.run([sys.executable, script, "--cifar", cifar, "--out", str(root), "--per-class", "1",
+                           "--size", "40"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(os.listdir(root / "train")) == 100 and len(os.listdir(root / "val")) == 100
+    with Image.open(next((root / "train" / sorted(os.listdir(root / "train"))[0]).iterdir())) as img:
+        assert img.size == (40, 40)
+    convert_imagefolder(root, str(out), shard_size=64)
+    info = load_dataset_info(out)
+    assert info.hierarchy == "wordnet" and info.count("train") == 100 and info.count("val") > 100
+    names = {n: i for i, n in enumerate(info.label_names)}
+    S = info.similarity_matrix()
+    tiger, leopard, bicycle, tulip = names["tiger"], names["leopard"], names["bicycle"], names["tulip"]
+    assert S[tiger, leopard] > S[tiger, bicycle] and S[tiger, leopard] > S[tiger, tulip]
