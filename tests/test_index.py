@@ -209,8 +209,9 @@ def _clustered_codes(n: int, bits: int, prototypes: int, noise: float, seed: int
     return np.packbits(raw, axis=1)
 
 
+@pytest.mark.parametrize("shards", [1, 3, 7])
 @pytest.mark.parametrize("mode", ["local", "ray"])
-def test_mih_is_exact_k_nn_on_clustered_and_random_codes(tmp_path, mode, ray_local):
+def test_mih_is_exact_k_nn_on_clustered_and_random_codes(tmp_path, mode, shards, ray_local):
     """Multi-index hashing answers k-NN exactly (against numpy brute force, ties by key) for every k, whether the
     query's neighbours are close (found by probing) or far (answered by the scan fallback), and range search too."""
     bits, n = 32, 3000
@@ -219,14 +220,14 @@ def test_mih_is_exact_k_nn_on_clustered_and_random_codes(tmp_path, mode, ray_loc
     keys = np.array([f"item-{i:05d}" for i in rng.permutation(n)])
     labels = rng.integers(0, 9, n).astype(np.int32)
     codes_dir = index_write_code_dir(tmp_path / "codes", keys, codes, labels)
-    build_index(codes_dir, tmp_path / "mih", index_type="mih", shards=3)
+    build_index(codes_dir, tmp_path / "mih", index_type="mih", shards=shards)
     manifest = json.loads((tmp_path / "mih" / "manifest.json").read_text())
     assert manifest["params"] == {"nhash": None, "hash_bits": None, "max_flips": 3}  # tables chosen per shard
     queries = np.concatenate([codes[rng.choice(n, 10, replace=False)],  # near: found within the probed radius
                               rng.integers(0, 256, (6, bits // 8), dtype=np.uint8)])  # random: scan fallback
     full = brute_distances(queries, codes)
     with ShardedIndex.open(tmp_path / "mih", mode=mode) as index:
-        if mode == "local":  # the 3 shards merged into one index over 3,000 codes: floor(32 / log2(3000)) tables
+        if mode == "local":  # the shards merged into one index over 3,000 codes: floor(32 / log2(3000)) tables
             assert [(s.index.nhash, s.index.b) for s in index._group.shards] == [(2, 16)]
         for k in (1, 10, 57, n + 5):
             order, dist = brute_topk(queries, codes, keys, min(k, n))
