@@ -278,10 +278,10 @@ class Shard:
 
         Levels beyond one flip run only while the last level's time per query, times ``MIH_LEVEL_GROWTH`` (what one
         more flip multiplies it by on learned codes), stays under a scan's. Which path a batch takes is decided by
-        measured time per query: the first batch probes, the next scans (unless
-        the first one's fallback scans already timed it), then each batch takes the cheaper. While probing costs more
-        than it saves (codes far apart: random ones, or queries whose neighbours are many bits away) every 8th batch
-        probes again, so the choice follows the queries."""
+        measured time per query: the first batch probes, the next scans (unless the first one's fallback scans
+        already timed it), then each batch takes the cheaper. While probing costs more than it saves (codes far
+        apart: random ones, or queries whose neighbours are many bits away) every 8th batch probes again, so the
+        choice follows the queries."""
         self._mih_calls += 1
         probe, scan = self._cost["probe"], self._cost["scan"]
         if probe is not None and (scan is None or (probe > scan and self._mih_calls % 8)):
