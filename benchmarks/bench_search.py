@@ -94,12 +94,7 @@ def _rss() -> int:
 
 
 def best_time(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+    return best_times({"": fn}, repeat)[""]
 
 
 def best_times(fns: dict, repeat: int) -> dict:

@@ -285,10 +285,7 @@ class Shard:
         self._mih_calls += 1
         probe, scan = self._cost["probe"], self._cost["scan"]
         if probe is not None and (scan is None or (probe > scan and self._mih_calls % 8)):
-            t0 = time.perf_counter()
-            out = self._scan_search(q, k)
-            self._cost["scan"] = (time.perf_counter() - t0) / max(1, len(q))
-            return out
+            return self._timed_scan(q, k)
         t0 = time.perf_counter()
         m, kk = int(self.index.nhash), min(k, self.ntotal)  # tables: chosen per shard at build
         out = np.full((len(q), k), _EMPTY, np.int64)
@@ -315,11 +312,17 @@ class Shard:
             level = (time.perf_counter() - t1) / len(pending)
             pending = pending[~within]
         if len(pending):
-            t1 = time.perf_counter()
-            out[pending] = self._scan_search(q[pending], k)
-            if len(pending) >= 16:  # a handful of queries would overstate a scan's cost per query
-                self._cost["scan"] = (time.perf_counter() - t1) / len(pending)
+            # a handful of queries would overstate a scan's cost per query: timed only from 16 on
+            out[pending] = self._timed_scan(q[pending], k, keep=len(pending) >= 16)
         self._cost["probe"] = (time.perf_counter() - t0) / max(1, len(q))
+        return out
+
+    def _timed_scan(self, q: np.ndarray, k: int, keep: bool = True) -> np.ndarray:
+        """``_scan_search``; with ``keep``, its time per query becomes the scan's cost for :meth:`_mih_search`."""
+        t0 = time.perf_counter()
+        out = self._scan_search(q, k)
+        if keep:
+            self._cost["scan"] = (time.perf_counter() - t0) / max(1, len(q))
         return out
 
     def _candidates(self, d: np.ndarray, i: np.ndarray) -> np.ndarray:
