@@ -12,7 +12,8 @@ The model, per search method (flat scan; multi-index hashing, ``--type mih``):
 - a shard is searched by one core per query, so a shard holds at most ``latency x compares-per-core x speedup``
   codes (half the latency budget; the other half is left for fan-out, merging and queueing);
 - memory per code: the code (bits/8 bytes), its key and label in the id map (``--id-bytes``, 48 by default for
-  keys of ~20 characters), and for multi-index hashing one 8-byte id per hash table (bits/16 tables);
+  keys of ~20 characters), and for multi-index hashing 7 bytes per hash table (a 4-byte position, 2 bytes of
+  substring, <= 1 of directory; ``rayhash.index.mih``), with floor(bits / log2 n) tables over a shard's n codes;
 - nodes have ``--node-cores`` cores and ``--node-memory-gib`` GiB, of which ``--usable`` is given to index actors;
   cores are planned to be busy at most ``--max-utilisation`` of the time (0.7), so that queries rarely queue.
 
@@ -23,13 +24,20 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from rayhash.index.mih import tables_for  # noqa: E402
+
+MIH_SPEEDUP = 4.0  # multi-index hashing over a flat scan: a cautious default (CIFAR codes: 13x at 10^7, 1.9x at 10^6)
 
 
 def plan(codes: float, bits: int, qps: float, latency_ms: float, compares_per_core: float, speedup: float,
          node_cores: int, node_memory_gib: float, usable: float, id_bytes: int, tables: int,
          max_utilisation: float = 0.7) -> dict:
-    bytes_per_code = bits / 8 + id_bytes + 8 * tables
+    bytes_per_code = bits / 8 + id_bytes + 7 * tables
     memory = codes * bytes_per_code
     per_query_core_s = codes / speedup / compares_per_core  # core-seconds of compares per query
     cores_for_rate = qps * per_query_core_s
@@ -54,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency-ms", type=float, default=200.0, help="target latency of one query")
     p.add_argument("--compares-per-core", type=float, default=5e8,
                    help="measured 64-bit compares/s per core (bench_search.py; scaled by 64/bits)")
-    p.add_argument("--mih-speedup", type=float, default=4.0,
+    p.add_argument("--mih-speedup", type=float, default=MIH_SPEEDUP,
                    help="multi-index hashing / flat speed ratio measured on your codes (bench_search.py)")
     p.add_argument("--node-cores", type=int, default=32)
     p.add_argument("--node-memory-gib", type=float, default=256.0)
@@ -65,11 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.codes <= 1e10 or args.bits % 8 or args.qps <= 0 or args.latency_ms <= 0:
         p.error("--codes in (0, 1e10], --bits a multiple of 8, --qps and --latency-ms positive")
     rate = args.compares_per_core * 64 / args.bits
+    shard = min(args.codes, args.latency_ms / 1e3 / 2 * rate * args.mih_speedup)  # codes of one mih shard
+    tables = tables_for(args.bits, int(shard))[0]
     rows = {"flat": plan(args.codes, args.bits, args.qps, args.latency_ms, rate, 1.0, args.node_cores,
                          args.node_memory_gib, args.usable, args.id_bytes, 0, args.max_utilisation),
             "mih": plan(args.codes, args.bits, args.qps, args.latency_ms, rate, args.mih_speedup, args.node_cores,
-                        args.node_memory_gib, args.usable, args.id_bytes, max(1, args.bits // 16),
-                        args.max_utilisation)}
+                        args.node_memory_gib, args.usable, args.id_bytes, tables, args.max_utilisation)}
     print(f"{args.codes:.0e} codes of {args.bits} bits, {args.qps:g} queries/s, {args.latency_ms:g} ms target; "
           f"{rate:.2e} compares/s/core, nodes of {args.node_cores} cores / {args.node_memory_gib:g} GiB")
     print(f"{'':<18}" + "".join(f"{name:>14}" for name in rows))

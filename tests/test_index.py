@@ -222,13 +222,13 @@ def test_mih_is_exact_k_nn_on_clustered_and_random_codes(tmp_path, mode, shards,
     codes_dir = index_write_code_dir(tmp_path / "codes", keys, codes, labels)
     build_index(codes_dir, tmp_path / "mih", index_type="mih", shards=shards)
     manifest = json.loads((tmp_path / "mih" / "manifest.json").read_text())
-    assert manifest["params"] == {"nhash": None, "hash_bits": None, "max_flips": 3}  # tables chosen per shard
+    assert manifest["params"] == {"nhash": None, "hash_bits": None}  # tables chosen over the codes a process holds
     queries = np.concatenate([codes[rng.choice(n, 10, replace=False)],  # near: found within the probed radius
                               rng.integers(0, 256, (6, bits // 8), dtype=np.uint8)])  # random: scan fallback
     full = brute_distances(queries, codes)
     with ShardedIndex.open(tmp_path / "mih", mode=mode) as index:
         if mode == "local":  # the shards merged into one index over 3,000 codes: floor(32 / log2(3000)) tables
-            assert [(s.index.nhash, s.index.b) for s in index._group.shards] == [(2, 16)]
+            assert [(s.tables().m, s.tables().b) for s in index._group.shards] == [(2, 16)]
         for k in (1, 10, 57, n + 5):
             order, dist = brute_topk(queries, codes, keys, min(k, n))
             res = index.search(queries, k)
@@ -237,7 +237,7 @@ def test_mih_is_exact_k_nn_on_clustered_and_random_codes(tmp_path, mode, shards,
         order, dist = brute_topk(far, codes, keys, 10)
         for _ in range(3):
             assert_same_topk(index.search(far, 10), keys, labels, order, dist)
-        if mode == "local":  # a scan made to look dear: every batch probes, through all max_flips levels, still exact
+        if mode == "local":  # a scan made to look dear: every batch probes (queries over budget scanned), still exact
             for shard in index._group.shards:
                 shard._cost = {"probe": 0.0, "scan": float("inf")}
             for k in (1, 10, 57):
@@ -258,14 +258,15 @@ def _first(res, k):
 def test_mih_tables_follow_the_shard_size_and_refuse_oversized_tables():
     """m = floor(bits / log2 n) tables (substrings of at least about log2 n bits, Norouzi et al.), at most 32 bits
     each; a given nhash is checked against that."""
-    from rayhash.index.types import default_params, mih_tables
+    from rayhash.index.mih import tables_for as mih_tables
+    from rayhash.index.types import default_params
 
     # 64 / log2(n): 250k -> 3.57, 2.5M -> 3.01, 10M -> 2.75, 1G -> 2.14; 128 / log2(1M) -> 6.4; 16 codes -> 4 tables
     assert mih_tables(64, 250_000) == (3, 21) and mih_tables(64, 2_500_000) == (3, 21)
     assert mih_tables(64, 10**7) == (2, 32) and mih_tables(64, 10**9) == (2, 32)
     assert mih_tables(128, 10**6) == (6, 21) and mih_tables(16, 10) == (4, 4)
-    assert default_params("mih", 64, nhash=3) == {"nhash": 3, "hash_bits": 21, "max_flips": 3}
-    assert default_params("mih", 128) == {"nhash": None, "hash_bits": None, "max_flips": 3}
+    assert default_params("mih", 64, nhash=3) == {"nhash": 3, "hash_bits": 21}
+    assert default_params("mih", 128) == {"nhash": None, "hash_bits": None}
     with pytest.raises(ValueError, match="each table takes 1 to 32 of the 64 bits: choose nhash from 2 to 64"):
         default_params("mih", 64, nhash=1)
 
@@ -285,7 +286,7 @@ def test_capacity_plan_follows_its_model():
     b = cap.plan(1e9, qps=200, speedup=1, tables=0, **kw)
     m = cap.plan(1e9, qps=100, speedup=4, tables=4, **kw)
     assert b["cores for rate"] == 2 * a["cores for rate"] == 2 * 1e9 / 4e8 * 100
-    assert a["shards"] == 1e9 // (0.1 * 4e8) and a["bytes/code"] == 8 + 48 and m["bytes/code"] == 8 + 48 + 32
+    assert a["shards"] == 1e9 // (0.1 * 4e8) and a["bytes/code"] == 8 + 48 and m["bytes/code"] == 8 + 48 + 7 * 4
     assert m["cores for rate"] == a["cores for rate"] / 4 and m["nodes"] < a["nodes"]
     assert a["latency ms"] <= 200 and a["utilisation"] <= 0.7
 
@@ -323,3 +324,32 @@ def test_bench_search_real_codes_are_replicated_with_the_asked_noise(tmp_path):
     # every copy is within a few bits of some original; the mean distance to the nearest is ~ 64 * 0.05
     nearest = np.unpackbits(db[300:2300, None, :] ^ codes[None], axis=2).sum(2).min(1)
     assert 2.4 < nearest.mean() < 3.6
+
+
+def test_mih_index_files_of_earlier_versions_still_load(tmp_path):
+    """mih shards written before the tables moved into rayhash.index.mih hold a FAISS IndexBinaryMultiHash; they load
+    (its codes serve, the tables are built anew) and search exactly."""
+    import hashlib
+
+    import faiss
+
+    bits, n = 32, 1200
+    codes = _clustered_codes(n, bits, prototypes=20, noise=0.05, seed=5)
+    keys = np.array([f"old-{i:05d}" for i in range(n)])
+    labels = np.zeros(n, np.int32)
+    build_index(index_write_code_dir(tmp_path / "codes", keys, codes, labels), tmp_path / "mih", index_type="mih",
+                shards=2)
+    path = tmp_path / "mih" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for entry in manifest["shards"]:
+        flat = faiss.read_index_binary(str(tmp_path / "mih" / entry["index"]))
+        old = faiss.index_binary_factory(bits, "BHash2x16")
+        old.add(faiss.vector_to_array(flat.xb).reshape(flat.ntotal, bits // 8))
+        faiss.write_index_binary(old, str(tmp_path / "mih" / entry["index"]))
+        entry["index_sha256"] = hashlib.sha256((tmp_path / "mih" / entry["index"]).read_bytes()).hexdigest()
+    manifest.update(faiss_class="IndexBinaryMultiHash", params={"nhash": None, "hash_bits": None, "max_flips": 3})
+    path.write_text(json.dumps(manifest))
+    q = codes[:12] ^ np.uint8(1)
+    order, dist = brute_topk(q, codes, keys, 10)
+    with ShardedIndex.open(tmp_path / "mih") as index:
+        assert_same_topk(index.search(q, 10), keys, labels, order, dist)

@@ -36,10 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--nprobe", type=positive_int, help="ivf: lists scanned per query (default 8; = nlist is exact)")
     b.add_argument("--hash-bits", type=positive_int, help="hash/multihash: bits per hash table")
     b.add_argument("--nhash", type=positive_int,
-                   help="multihash, mih: number of hash tables (mih default: chosen per shard, floor(bits / log2(shard "
-                        "size)))")
-    b.add_argument("--max-flips", type=nonnegative_int, help="mih: most bit flips per table probed before a query is "
-                   "answered by a scan (default 3; flips beyond 1 only while measured cheaper than the scan)")
+                   help="multihash, mih: number of hash tables (mih default: floor(bits / log2(n)) for the n codes "
+                        "one search process holds, chosen when it loads them)")
     b.add_argument("--nflip", type=nonnegative_int, help="hash/multihash: bit flips probed per table at k-NN search time")
     b.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     b.set_defaults(func=_build)
@@ -65,7 +63,7 @@ def _build(args: argparse.Namespace) -> int:
 
     m = build_index(args.codes, args.out, index_type=args.index_type, shards=args.shards, append=args.append,
                     checkpoint=args.checkpoint, address=args.address, nlist=args.nlist, nprobe=args.nprobe,
-                    hash_bits=args.hash_bits, nhash=args.nhash, nflip=args.nflip, max_flips=args.max_flips)
+                    hash_bits=args.hash_bits, nhash=args.nhash, nflip=args.nflip)
     print(f"{args.out}: {m['index_type']} index, {m['bits']} bits, {len(m['shards'])} shards, {m['ntotal']} codes")
     return 0
 

@@ -199,11 +199,16 @@ class Shard:
         self.stride = self.ntotal + 1
         self.overfetch = 2  # first FAISS call asks for overfetch*k+8; doubled while ties often run past that
         self.key_ordered = False  # ids in key order (see ShardGroup._merge): FAISS's top-k is exact as it is
+        self._mih = None  # mih: its tables (MultiIndex), built on first use (see tables())
         self._mih_calls = 0  # mih: batches searched
         self._cost = {"probe": None, "scan": None}  # mih: measured seconds per query of each path (see _mih_search)
         self._selection = {False: (0.0, 0), True: (0.0, 0)}  # use_heap -> (summed s/query, batches): see below
+        self._owner = index  # keeps an index alive while ``scan`` may be a view into it (old mih files, below)
+        if index_type == "mih" and hasattr(index, "storage"):
+            # mih shards written by earlier rayhash versions hold a FAISS IndexBinaryMultiHash: only its codes serve
+            index = self.index = index.storage
         configure(index, index_type, params)
-        self.scan = index.storage if index_type == "mih" else index  # what a k-NN scan searches
+        self.scan = index  # what a k-NN scan searches
         self.gpu_index = None
         if use_gpu and index_type == "flat" and faiss_gpu_usable():
             self.gpu_index = faiss.GpuIndexBinaryFlat(_gpu_resources(), index)
@@ -268,52 +273,40 @@ class Shard:
             return self._mih_search(q, k)
         return self._scan_search(q, k)
 
-    def _mih_search(self, q: np.ndarray, k: int) -> np.ndarray:
-        """Multi-index hashing, exact: FAISS's k-NN over the codes found by probing every table with f = 0, 1, ...
-        ``max_flips`` flips. Those candidates hold every code within radius r = (f+1)·m - 1 of the query (m tables),
-        so a query whose k-th nearest candidate is within r has its exact top-k among them, once the tie group at
-        that distance is complete: the candidate list ran out, or goes past that distance (it holds 2k+8), or a
-        range search at that distance completes it. Queries still short after ``max_flips`` are answered by a scan
-        of the shard's codes.
+    def tables(self):
+        """The multi-index hash tables over this shard's codes (:class:`rayhash.index.mih.MultiIndex`), built once,
+        after a :class:`ShardGroup` has ranked the keys."""
+        import faiss
 
-        Levels beyond one flip run only while the last level's time per query, times ``MIH_LEVEL_GROWTH`` (what one
-        more flip multiplies it by on learned codes), stays under a scan's. Which path a batch takes is decided by
-        measured time per query: the first batch probes, the next scans (unless the first one's fallback scans
-        already timed it), then each batch takes the cheaper. While probing costs more than it saves (codes far
-        apart: random ones, or queries whose neighbours are many bits away) every 8th batch probes again, so the
-        choice follows the queries."""
+        from rayhash.index.mih import MultiIndex
+
+        if self._mih is None:
+            codes = faiss.rev_swig_ptr(self.scan.xb.data(), self.ntotal * self.scan.code_size)  # a view, no copy
+            self._mih = MultiIndex(codes.reshape(self.ntotal, self.scan.code_size), self.rank, self.stride,
+                                   self.params.get("nhash"))
+        return self._mih
+
+    def _mih_search(self, q: np.ndarray, k: int) -> np.ndarray:
+        """Multi-index hashing (:mod:`rayhash.index.mih`): exact, each query probing with the radius it needs, and
+        queries whose probes would cost more than half a scan scanned instead.
+
+        Which path a batch takes is decided by measured time per query: the first batch probes, the next scans
+        (unless the first one's fallback scans already timed it), then each batch takes the cheaper. While probing
+        costs more than it saves (codes far apart: random ones, or queries whose neighbours are many bits away)
+        every 8th batch probes again, so the choice follows the queries."""
+        from rayhash.index.mih import default_threads
+
         self._mih_calls += 1
         probe, scan = self._cost["probe"], self._cost["scan"]
         if probe is not None and (scan is None or (probe > scan and self._mih_calls % 8)):
             return self._timed_scan(q, k)
         t0 = time.perf_counter()
-        m, kk = int(self.index.nhash), min(k, self.ntotal)  # tables: chosen per shard at build
         out = np.full((len(q), k), _EMPTY, np.int64)
-        pending, fetch = np.arange(len(q)), min(self.ntotal, 2 * kk + 8)
-        level = 0.0  # seconds per query of the last probing level
-        for flips in range(int(self.params["max_flips"]) + 1):
-            if not len(pending) or (flips >= 2 and (scan is None or level * MIH_LEVEL_GROWTH > scan)):
-                break  # a deeper level would likely cost more than scanning: the scan answers the rest
-            t1 = time.perf_counter()
-            self.index.nflip = flips
-            try:
-                d, i = self.index.search(q[pending], fetch)
-            finally:
-                self.index.nflip = 0
-            kth = d[:, kk - 1].astype(np.int64)
-            within = (i[:, kk - 1] >= 0) & (kth <= (flips + 1) * m - 1)
-            complete = within & ((i[:, -1] < 0) | (d[:, -1] > kth))
-            rows = np.flatnonzero(complete)
-            if len(rows):
-                out[pending[rows]] = smallest(self._candidates(d[rows], i[rows]), k)
-            rows = np.flatnonzero(within & ~complete)  # ties run past the list: all codes within the k-th distance
-            if len(rows):
-                out[pending[rows], :kk] = self._topk_within(q[pending[rows]], kth[rows], kk, self.range_search)
-            level = (time.perf_counter() - t1) / len(pending)
-            pending = pending[~within]
-        if len(pending):
+        out[:, :min(k, self.ntotal)], gave_up = self.tables().search(q, min(k, self.ntotal), default_threads())
+        rows = np.flatnonzero(gave_up)
+        if len(rows):
             # a handful of queries would overstate a scan's cost per query: timed only from 16 on
-            out[pending] = self._timed_scan(q[pending], k, keep=len(pending) >= 16)
+            out[rows] = self._timed_scan(q[rows], k, keep=len(rows) >= 16)
         self._cost["probe"] = (time.perf_counter() - t0) / max(1, len(q))
         return out
 
@@ -330,10 +323,10 @@ class Shard:
         valid = i >= 0
         return np.where(valid, d.astype(np.int64) * self.stride + self.rank[np.where(valid, i, 0)], _EMPTY)
 
-    def _topk_within(self, q: np.ndarray, kth: np.ndarray, k: int, range_search) -> np.ndarray:
+    def _topk_within(self, q: np.ndarray, kth: np.ndarray, k: int) -> np.ndarray:
         """Exact top-k by (distance, rank) of queries that have at least k codes within their ``kth`` distance:
         one range search to the largest of them, then each query's k smallest within its own."""
-        qid, rd, ranks = range_search(q, int(kth.max()))
+        qid, rd, ranks = self._scan_range(q, int(kth.max()))
         keep = rd <= kth[qid]
         qid, c = qid[keep], rd[keep].astype(np.int64) * self.stride + ranks[keep]
         order = np.lexsort((c, qid))
@@ -383,18 +376,26 @@ class Shard:
         if len(rows):
             if len(rows) > len(q) // 32 and self.overfetch < 64:
                 self.overfetch *= 2  # fewer rows need the extra scan next time
-            top[rows] = self._topk_within(q[rows], d[rows, k - 1].astype(np.int64), k, self._scan_range)
+            top[rows] = self._topk_within(q[rows], d[rows, k - 1].astype(np.int64), k)
         return top
 
     def range_search(self, q: np.ndarray, radius: int) -> tuple[np.ndarray, ...]:
         """All codes with distance <= radius: ``(qid, distances, ranks)`` (unsorted).
 
-        Hash indices widen ``nflip`` for the call so that the lookup is exact within the radius."""
+        Hash indices widen ``nflip`` for the call so that the lookup is exact within the radius; mih probes its
+        tables unless their probes alone would cost more than a scan."""
+        if self.index_type == "mih":
+            if self.ntotal and self.tables().probe_cost(radius) < self.ntotal:
+                from rayhash.index.mih import default_threads
+
+                qid, d, ranks = self.tables().range_search(q, radius, default_threads())
+                return qid, d.astype(np.int32), ranks
+            return self._scan_range(q, radius)
         index = self.index
         saved = getattr(index, "nflip", None)
         if self.index_type == "hash":
             index.nflip = max(saved, radius)
-        elif self.index_type in ("multihash", "mih"):
+        elif self.index_type == "multihash":
             index.nflip = max(saved, math.ceil((radius + 1) / int(index.nhash)) - 1)
         try:
             lims, d, i = index.range_search(q, radius + 1)  # faiss: strictly below the threshold
@@ -406,7 +407,6 @@ class Shard:
 
 
 HEAP_MARGIN = 0.9  # the heap k-selection is used only when measured at least 10 % faster than counting
-MIH_LEVEL_GROWTH = 6  # measured: one more flip costs 2-7x the level before on clustered and CIFAR codes at 10^7
 
 
 def smallest(c: np.ndarray, k: int) -> np.ndarray:
@@ -437,6 +437,9 @@ class ShardGroup:
         for s, a in zip(shards, offsets):  # the group's sorted tables replace the shards' own copies
             s.rank, s.stride, s.keys, s.labels = rank[a:a + s.ntotal], self.stride, None, None
         self.shards = self._merge(shards)
+        for s in self.shards:
+            if s.index_type == "mih" and s.ntotal:
+                s.tables()  # built as the group loads, not by its first query
         # threads over shards; one (merged) index: FAISS's own threads do the work
         self.threads = max(1, min(len(self.shards), threads or os.cpu_count() or 1))
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None

@@ -31,31 +31,18 @@ def _multihash_params(bits: int) -> dict[str, Any]:
     return {"nhash": 2, "hash_bits": min(bits // 2, 16), "nflip": 1}
 
 
-@INDEX_TYPES.register("mih", help="exact k-NN by multi-index hashing: nhash tables of bits/nhash bits probed with a "
-                                   "growing radius, a scan when that is cheaper (fast on clustered codes)",
-                      factory="BHash{nhash}x{hash_bits}", faiss_class="IndexBinaryMultiHash",
+@INDEX_TYPES.register("mih", help="exact k-NN and radius search by multi-index hashing: nhash tables of bits/nhash "
+                                   "bits probed with a growing radius per query, a scan when that is cheaper (fast on "
+                                   "clustered codes)",
+                      factory="BFlat", faiss_class="IndexBinaryFlat",
                       complete=lambda p, bits: {**p, "hash_bits": bits // int(p["nhash"]) if p["nhash"] else None})
 def _mih_params(bits: int) -> dict[str, Any]:
-    # Norouzi, Punjani & Fleet (2012): a code within radius r of the query is within floor(r/m) bits of it on at
-    # least one of the m substrings. Probing every table with f flips finds all codes within (f+1)·m - 1, exactly.
-    # nhash None: chosen per shard from its size (mih_tables). Flips beyond 1 only while they cost less than a
-    # scan (measured per batch, see Shard._mih_search).
-    return {"nhash": None, "hash_bits": None, "max_flips": 3}
+    # Stored as a flat index (the codes); the tables (rayhash.index.mih) are built when a process loads its shards,
+    # over all the codes it holds. nhash None: chosen from that size (mih.tables_for).
+    return {"nhash": None, "hash_bits": None}
 
 
 MIH_MAX_TABLE_BITS = 32
-
-
-def mih_tables(bits: int, n: int) -> tuple[int, int]:
-    """(tables m, bits per table) for multi-index hashing over n codes: m = floor(bits / log2 n), so each substring
-    has at least about log2(n) bits (at most 32; leftover bits are in no table, which keeps the search exact: a code
-    within radius r overall is within r on the bits the tables cover). Norouzi et al. advise substrings of about
-    log2 n bits, where uniform codes fill each bucket with about one code; learned codes crowd their buckets with
-    near-duplicates, and rounding down to fewer, longer tables cut those candidates more than the extra probes
-    cost (measured on clustered and CIFAR codes at 10^7: 2 tables of 32 bits probe 3-4x fewer codes than 3 of
-    21 for the same queries)."""
-    m = max(1, math.ceil(bits / MIH_MAX_TABLE_BITS), min(bits // 4, math.floor(bits / math.log2(max(n, 16)))))
-    return m, bits // m
 
 
 @INDEX_TYPES.register("ivf", help="approximate k-NN over nlist inverted lists, trained on a sample",
@@ -80,7 +67,7 @@ def default_params(index_type: str, bits: int, **overrides: Any) -> dict[str, An
         low = math.ceil(bits / MIH_MAX_TABLE_BITS)
         raise ValueError(f"index type 'mih': nhash={params['nhash']} tables of {params['hash_bits']} bits; each table "
                          f"takes 1 to {MIH_MAX_TABLE_BITS} of the {bits} bits: choose nhash from {low} to {bits}, or "
-                         "leave it out (chosen per shard from its size)")
+                         "leave it out (chosen from the number of codes a process holds)")
     return params
 
 
@@ -93,8 +80,6 @@ def make_faiss_index(index_type: str, bits: int, params: dict[str, Any], codes: 
         params["nlist"] = max(1, min(int(4 * math.sqrt(n)), n // 39))
     if "nlist" in params:
         params["nlist"] = max(1, min(int(params["nlist"]), n))
-    if index_type == "mih" and not params.get("nhash"):
-        params["nhash"], params["hash_bits"] = mih_tables(bits, n)
     index = faiss.index_binary_factory(bits, INDEX_TYPES[index_type].factory.format(**params))
     if not index.is_trained:
         rng = np.random.default_rng(seed)
@@ -111,8 +96,5 @@ def configure(index, index_type: str, params: dict[str, Any]) -> None:
         index.nflip = int(params["nflip"])
     if "nprobe" in params:
         index.nprobe = int(params["nprobe"])
-    if index_type == "flat":
+    if index_type in ("flat", "mih"):  # mih: its scans
         index.use_heap = False  # counting k-selection: ~25% faster than the heap for k up to a few hundred
-    if index_type == "mih":
-        index.nflip = 0  # set per radius by the search
-        index.storage.use_heap = False  # its scan fallback
