@@ -29,7 +29,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from rayhash.index.mih import tables_for  # noqa: E402
+from rayhash.index.types import mih_tables  # noqa: E402
 
 MIH_SPEEDUP = 4.0  # multi-index hashing over a flat scan: a cautious default (CIFAR codes: 13x at 10^7, 1.9x at 10^6)
 
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--codes in (0, 1e10], --bits a multiple of 8, --qps and --latency-ms positive")
     rate = args.compares_per_core * 64 / args.bits
     shard = min(args.codes, args.latency_ms / 1e3 / 2 * rate * args.mih_speedup)  # codes of one mih shard
-    tables = tables_for(args.bits, int(shard))[0]
+    tables = mih_tables(args.bits, int(shard))[0]
     rows = {"flat": plan(args.codes, args.bits, args.qps, args.latency_ms, rate, 1.0, args.node_cores,
                          args.node_memory_gib, args.usable, args.id_bytes, 0, args.max_utilisation),
             "mih": plan(args.codes, args.bits, args.qps, args.latency_ms, rate, args.mih_speedup, args.node_cores,

@@ -258,8 +258,7 @@ def _first(res, k):
 def test_mih_tables_follow_the_shard_size_and_refuse_oversized_tables():
     """m = floor(bits / log2 n) tables (substrings of at least about log2 n bits, Norouzi et al.), at most 32 bits
     each; a given nhash is checked against that."""
-    from rayhash.index.mih import tables_for as mih_tables
-    from rayhash.index.types import default_params
+    from rayhash.index.types import default_params, mih_tables
 
     # 64 / log2(n): 250k -> 3.57, 2.5M -> 3.01, 10M -> 2.75, 1G -> 2.14; 128 / log2(1M) -> 6.4; 16 codes -> 4 tables
     assert mih_tables(64, 250_000) == (3, 21) and mih_tables(64, 2_500_000) == (3, 21)
@@ -353,3 +352,17 @@ def test_mih_index_files_of_earlier_versions_still_load(tmp_path):
     order, dist = brute_topk(q, codes, keys, 10)
     with ShardedIndex.open(tmp_path / "mih") as index:
         assert_same_topk(index.search(q, 10), keys, labels, order, dist)
+
+
+def test_actor_groups_count_the_mih_tables():
+    """Ray mode sizes actors by what their shards take in memory: an mih shard also holds its tables (7 bytes a code
+    and table), so the same shards need more actors under the same memory limit."""
+    from rayhash.index.sharded import plan_groups
+    from rayhash.index.types import mih_tables
+
+    entries = [{"count": 1000} for _ in range(4)]
+    flat_shard = 1000 * (8 + 4 * 32 + 4)  # codes, 32-character unicode keys, labels
+    mih_shard = flat_shard + 1000 * 7 * mih_tables(64, 1000)[0]
+    limit = 4 * flat_shard + 1
+    assert len(plan_groups(entries, {"bits": 64, "index_type": "flat"}, None, limit)) == 1
+    assert len(plan_groups(entries, {"bits": 64, "index_type": "mih"}, None, limit)) == -(-4 * mih_shard // limit) == 2

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from rayhash.index.mih import MultiIndex, tables_for
+from rayhash.index.mih import MultiIndex
+from rayhash.index.types import mih_tables
 
 
 def _distances(q: np.ndarray, db: np.ndarray) -> np.ndarray:
@@ -49,7 +50,7 @@ def test_knn_equals_brute_force_by_distance_then_rank(kind, nbytes, tables):
     if narrow:
         q = np.concatenate([q, rng.integers(0, 256, (4, nbytes), dtype=np.uint8)])
     mi = MultiIndex(db, rank, stride, tables)
-    assert (mi.m, mi.b) == ((tables, nbytes * 8 // tables) if tables else tables_for(nbytes * 8, n))
+    assert (mi.m, mi.b) == ((tables, nbytes * 8 // tables) if tables else mih_tables(nbytes * 8, n))
     dist = _distances(q, db)
     largest_tie = max(np.unique(row, return_counts=True)[1].max() for row in dist)
     for k in sorted({1, 5, 37, int(largest_tie) + 3} | ({n} if narrow else set())):

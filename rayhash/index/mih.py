@@ -29,7 +29,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import intrinsic
 
-from rayhash.index.types import MIH_MAX_TABLE_BITS as MAX_TABLE_BITS
+from rayhash.index.types import MIH_MAX_TABLE_BITS as MAX_TABLE_BITS, mih_tables
 
 # Costs in codes a flat scan compares in the same time, measured at 10^6-10^7 codes on 2 cores (a scan 1.1-1.4 ns
 # per code): a probe (directory slot, bisection) ~11 ns; a candidate (a random read of its code, first-meeting test,
@@ -205,17 +205,6 @@ def _substrings(words, start, nbits):
     return out
 
 
-def tables_for(bits: int, n: int) -> tuple[int, int]:
-    """(tables m, bits per table) for n codes: m = ⌊bits / log2 n⌋, so each substring has at least about log2 n bits
-    (at most 32; leftover bits are in no table, which keeps the search exact: a code within radius r overall is
-    within r on the bits the tables cover). Norouzi et al. advise substrings of about log2 n bits, where uniform
-    codes fill each bucket with about one code; learned codes crowd their buckets with near-duplicates, and
-    rounding down to fewer, longer substrings cuts those candidates more than the extra probes cost. Measured on
-    CIFAR codes (k = 10, held-out queries): 3 tables beat 2 by 20x at 10^6 codes, 2 beat 3 by 2.6x at 10^7."""
-    m = max(1, math.ceil(bits / MAX_TABLE_BITS), min(bits // 4, math.floor(bits / math.log2(max(n, 16)))))
-    return m, bits // m
-
-
 def _words(codes: np.ndarray) -> np.ndarray:
     """Packed uint8 codes (n, bytes) as uint64 words (n, ceil(bytes / 8)): a view when the width allows."""
     n, nbytes = codes.shape
@@ -239,7 +228,7 @@ class MultiIndex:
     def __init__(self, codes: np.ndarray, rank: np.ndarray, stride: int, tables: int | None = None):
         n, nbytes = codes.shape
         bits = nbytes * 8
-        self.m, self.b = tables_for(bits, n) if not tables else (int(tables), bits // int(tables))
+        self.m, self.b = mih_tables(bits, n) if not tables else (int(tables), bits // int(tables))
         if not 1 <= self.b <= MAX_TABLE_BITS:
             raise ValueError(f"multi-index hashing: {self.m} tables of {self.b} bits; each table takes 1 to "
                              f"{MAX_TABLE_BITS} of the {bits} bits")

@@ -12,7 +12,7 @@ from rayhash.index.build import read_manifest
 from rayhash.index.codes import CodeTable
 from rayhash.index.search import RangeResult, SearchResult, Shard, ShardGroup, finish, merge_ranges, merge_topk, \
     ranges_to_result
-from rayhash.index.types import make_faiss_index
+from rayhash.index.types import make_faiss_index, mih_tables
 from rayhash.runtime import get_logger
 
 log = get_logger("rayhash.index")
@@ -35,14 +35,17 @@ class ShardGroupActor:
         return self.group.keys(), self.group.labels()
 
 
-def _shard_bytes(entry: dict, bits: int) -> int:
-    """Rough resident size of a loaded shard: codes + unicode keys + labels."""
-    return entry["count"] * (bits // 8 + 4 * 32 + 4)
+def _shard_bytes(entry: dict, manifest: dict) -> int:
+    """Rough resident size of a loaded shard: codes + unicode keys + labels, and for mih its tables (7 bytes a code
+    and table; as many tables as the shard alone would get, at least what the group it joins gets)."""
+    bits, n = manifest["bits"], entry["count"]
+    tables = mih_tables(bits, n)[0] if manifest["index_type"] == "mih" else 0
+    return n * (bits // 8 + 4 * 32 + 4 + 7 * tables)
 
 
-def plan_groups(entries: list[dict], bits: int, actors: int | None, actor_memory: int) -> list[list[dict]]:
+def plan_groups(entries: list[dict], manifest: dict, actors: int | None, actor_memory: int) -> list[list[dict]]:
     """Contiguous groups of shards, each within ``actor_memory`` bytes (or exactly ``actors`` groups)."""
-    sizes = [_shard_bytes(e, bits) for e in entries]
+    sizes = [_shard_bytes(e, manifest) for e in entries]
     n = min(len(entries), actors or max(1, math.ceil(sum(sizes) / actor_memory)))
     bounds = np.linspace(0, len(entries), n + 1).round().astype(int)
     return [entries[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
@@ -56,7 +59,7 @@ def _start_actors(path: str, manifest: dict, groups: list[list[dict]], load_kwar
 
     handles, loads = [], []
     for entries in groups:
-        mem = sum(_shard_bytes(e, manifest["bits"]) for e in entries) + (64 << 20)
+        mem = sum(_shard_bytes(e, manifest) for e in entries) + (64 << 20)
         handle = ray.remote(ShardGroupActor).options(memory=mem, scheduling_strategy="SPREAD", **resources).remote()
         handles.append(handle)
         loads.append(handle.load.remote(path, entries, manifest, load_kwargs))
@@ -68,7 +71,7 @@ def _start_actors(path: str, manifest: dict, groups: list[list[dict]], load_kwar
             ray.kill(h)
         raise TimeoutError(
             f"{path}: {len(groups)} index actor(s) asking for {resources} and up to "
-            f"{max(sum(_shard_bytes(e, manifest['bits']) for e in g) for g in groups) >> 20} MiB each were not all "
+            f"{max(sum(_shard_bytes(e, manifest) for e in g) for g in groups) >> 20} MiB each were not all "
             f"placed within {wait_s:.0f} s (the cluster has {ray.cluster_resources()}); pass fewer actors, "
             "actor_gpus=0, or add nodes (RAYHASH_ACTOR_START_TIMEOUT sets the wait)") from None
     except ray.exceptions.RayTaskError as e:
@@ -117,7 +120,7 @@ class ShardedIndex:
             from rayhash.runtime import cluster_gpus, cluster_has_gpus, init_ray
 
             init_ray(address)
-            groups = plan_groups(manifest["shards"], manifest["bits"], actors, actor_memory)
+            groups = plan_groups(manifest["shards"], manifest, actors, actor_memory)
             if actor_gpus is None:  # one GPU per group, or an equal share when there are more groups than GPUs
                 gpus = cluster_gpus()
                 share = min(1.0, math.floor(gpus / len(groups) * 1e4) / 1e4)  # Ray counts GPUs in 1e-4 units
