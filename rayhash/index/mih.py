@@ -22,7 +22,6 @@ The kernels are compiled by numba (cached on disk, ``nogil``: a batch is split a
 from __future__ import annotations
 
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -236,9 +235,9 @@ class MultiIndex:
         self.words = _words(codes)
         dbits = min(self.b, max(1, int(math.log2(max(n, 4))) - 2))  # directory slots: about n/4
         self.shift = self.b - dbits
-        index_type = np.uint32 if n < 2 ** 32 else np.int64
-        self.perm = np.empty((self.m, n), index_type)
-        self.dirs = np.empty((self.m, 2 ** dbits + 1), index_type)
+        position = np.uint32 if n < 2 ** 32 else np.int64
+        self.perm = np.empty((self.m, n), position)
+        self.dirs = np.empty((self.m, 2 ** dbits + 1), position)
         self.lows = np.empty((self.m, n), np.uint16 if self.shift <= 16 else np.uint32)
         for j in range(self.m):
             sub = _substrings(self.words, j * self.b, self.b)
@@ -273,7 +272,7 @@ class MultiIndex:
         self._map(run, _chunks(len(q), threads))
         return out, gave_up
 
-    def probe_cost(self, radius: int) -> int:
+    def probe_cost(self, radius: int) -> float:
         """Probes a radius search makes per query, in scan-code units (see :data:`PROBE_COST`)."""
         f, j = divmod(radius, self.m)
         if f > self.b:
@@ -297,10 +296,8 @@ class MultiIndex:
 
 
 def default_threads() -> int:
-    """Threads for a batch: FAISS's OpenMP setting (``OMP_NUM_THREADS``), so both paths use the same cores."""
-    try:
-        import faiss
+    """Threads for a batch: FAISS's OpenMP setting (``OMP_NUM_THREADS``; Ray sets it to a task's CPUs), so both the
+    kernels and FAISS's scans use the same cores."""
+    import faiss
 
-        return max(1, faiss.omp_get_max_threads())
-    except ImportError:  # pragma: no cover - faiss is a dependency of every index
-        return os.cpu_count() or 1
+    return max(1, faiss.omp_get_max_threads())
