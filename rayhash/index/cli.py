@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--codes", required=True, help="codes folder (codes-*.parquet) from `rayhash encode`, or URI")
     b.add_argument("--out", required=True, help="index folder (local path or s3:// gs:// URI)")
     b.add_argument("--type", dest="index_type", default="flat", choices=INDEX_TYPES.names(),
-                   help="FAISS binary index type (default: flat; see the list above)")
+                   help="index type (default: flat; see the list above; mih is exact and fast on learned codes)")
     b.add_argument("--shards", type=positive_int, default=1, help="number of index shards to build (default: 1)")
     b.add_argument("--append", action="store_true", help="add code files not yet indexed as new shards")
     b.add_argument("--checkpoint", help="record this checkpoint in the manifest (default: from codes.json)")
