@@ -8,6 +8,11 @@ import pytest
 INDEX_N, INDEX_BITS = 1500, 16
 
 
+def brute_distances(q: np.ndarray, db: np.ndarray) -> np.ndarray:
+    """All Hamming distances (nq, n) between packed codes, int64, by numpy alone (no FAISS)."""
+    return np.unpackbits(q[:, None, :] ^ db[None, :, :], axis=2).sum(axis=2, dtype=np.int64)
+
+
 def index_random_table(n: int = INDEX_N, bits: int = INDEX_BITS, seed: int = 0):
     """Keys (shuffled, unique), codes with P(bit=1)=0.15 (so distances tie a lot), labels in 0..9."""
     rng = np.random.default_rng(seed)

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from fixtures_index import index_random_table, index_write_code_dir
+from fixtures_index import brute_distances, index_random_table, index_write_code_dir
 
 from rayhash.index import ShardedIndex, build_index
 
@@ -20,7 +20,7 @@ N, BITS = 5000, 16  # shards of 2500 codes: k = 1100 asks FAISS for 2208 > 2048 
 
 
 def _brute(q, codes, keys, k):
-    dist = np.unpackbits(q[:, None, :] ^ codes[None, :, :], axis=2).sum(axis=2)
+    dist = brute_distances(q, codes)
     rank = np.argsort(np.argsort(keys.astype(str)))
     order = np.lexsort((np.broadcast_to(rank, dist.shape), dist), axis=1)[:, :k]
     return np.take_along_axis(dist, order, axis=1), keys[order]

@@ -8,13 +8,9 @@ import shutil
 
 import numpy as np
 import pytest
-from fixtures_index import index_random_table, index_write_code_dir
+from fixtures_index import brute_distances, index_random_table, index_write_code_dir
 
 from rayhash.index import ShardedIndex, build_index, read_codes, write_codes
-
-
-def brute_distances(q: np.ndarray, db: np.ndarray) -> np.ndarray:
-    return np.unpackbits(q[:, None, :] ^ db[None, :, :], axis=2).sum(axis=2)
 
 
 def brute_topk(q, db, keys, k):

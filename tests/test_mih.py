@@ -6,13 +6,10 @@ import math
 
 import numpy as np
 import pytest
+from fixtures_index import brute_distances
 
 from rayhash.index.mih import MultiIndex
 from rayhash.index.types import mih_tables
-
-
-def _distances(q: np.ndarray, db: np.ndarray) -> np.ndarray:
-    return np.unpackbits(q[:, None, :] ^ db[None, :, :], axis=2).sum(axis=2).astype(np.int64)
 
 
 def _codes(kind: str, n: int, nbytes: int, rng: np.random.Generator) -> np.ndarray:
@@ -28,7 +25,7 @@ def _codes(kind: str, n: int, nbytes: int, rng: np.random.Generator) -> np.ndarr
 
 
 def _expected(q, db, rank, stride, k):
-    c = _distances(q, db) * stride + rank[None, :]
+    c = brute_distances(q, db) * stride + rank[None, :]
     return np.sort(c, axis=1)[:, :k]
 
 
@@ -51,7 +48,7 @@ def test_knn_equals_brute_force_by_distance_then_rank(kind, nbytes, tables):
         q = np.concatenate([q, rng.integers(0, 256, (4, nbytes), dtype=np.uint8)])
     mi = MultiIndex(db, rank, stride, tables)
     assert (mi.m, mi.b) == ((tables, nbytes * 8 // tables) if tables else mih_tables(nbytes * 8, n))
-    dist = _distances(q, db)
+    dist = brute_distances(q, db)
     largest_tie = max(np.unique(row, return_counts=True)[1].max() for row in dist)
     for k in sorted({1, 5, 37, int(largest_tie) + 3} | ({n} if narrow else set())):
         got, gave_up = mi.search(q, min(k, n), threads=1 + k % 2, budget=math.inf)
@@ -82,7 +79,7 @@ def test_range_search_equals_brute_force(kind, nbytes, tables):
     rank = rng.permutation(n).astype(np.int64)
     q = np.concatenate([db[:5], db[5:10] ^ np.packbits(rng.random((5, nbytes * 8)) < 0.05, axis=1)])
     mi = MultiIndex(db, rank, n + 1, tables)
-    dist = _distances(q, db)
+    dist = brute_distances(q, db)
     for radius in range(9):
         qid, d, r = mi.range_search(q, radius, threads=2)
         got = sorted(zip(qid.tolist(), d.tolist(), r.tolist()))
