@@ -34,6 +34,11 @@ from rayhash.index.types import mih_tables  # noqa: E402
 MIH_SPEEDUP = 4.0  # multi-index hashing over a flat scan: a cautious default (CIFAR codes: 13x at 10^7, 1.9x at 10^6)
 
 
+def shard_max(latency_ms: float, compares_per_core: float, speedup: float) -> float:
+    """Codes one core searches in half the latency budget: the most a shard may hold."""
+    return max(1.0, latency_ms / 1e3 / 2 * compares_per_core * speedup)
+
+
 def plan(codes: float, bits: int, qps: float, latency_ms: float, compares_per_core: float, speedup: float,
          node_cores: int, node_memory_gib: float, usable: float, id_bytes: int, tables: int,
          max_utilisation: float = 0.7) -> dict:
@@ -41,8 +46,7 @@ def plan(codes: float, bits: int, qps: float, latency_ms: float, compares_per_co
     memory = codes * bytes_per_code
     per_query_core_s = codes / speedup / compares_per_core  # core-seconds of compares per query
     cores_for_rate = qps * per_query_core_s
-    shard_max = max(1.0, latency_ms / 1e3 / 2 * compares_per_core * speedup)  # codes one core scans in time
-    shards = max(1, math.ceil(codes / shard_max))
+    shards = max(1, math.ceil(codes / shard_max(latency_ms, compares_per_core, speedup)))
     node_mem = node_memory_gib * 2**30 * usable
     nodes = max(math.ceil(memory / node_mem), math.ceil(cores_for_rate / (node_cores * max_utilisation)),
                 math.ceil(shards / node_cores / 4))  # at most 4 shards per core, or queries queue behind each other
@@ -73,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.codes <= 1e10 or args.bits % 8 or args.qps <= 0 or args.latency_ms <= 0:
         p.error("--codes in (0, 1e10], --bits a multiple of 8, --qps and --latency-ms positive")
     rate = args.compares_per_core * 64 / args.bits
-    shard = min(args.codes, args.latency_ms / 1e3 / 2 * rate * args.mih_speedup)  # codes of one mih shard
-    tables = mih_tables(args.bits, int(shard))[0]
+    tables = mih_tables(args.bits, int(min(args.codes, shard_max(args.latency_ms, rate, args.mih_speedup))))[0]
     rows = {"flat": plan(args.codes, args.bits, args.qps, args.latency_ms, rate, 1.0, args.node_cores,
                          args.node_memory_gib, args.usable, args.id_bytes, 0, args.max_utilisation),
             "mih": plan(args.codes, args.bits, args.qps, args.latency_ms, rate, args.mih_speedup, args.node_cores,
