@@ -203,10 +203,11 @@ class Shard:
         self._mih_calls = 0  # mih: batches searched
         self._cost = {"probe": None, "scan": None}  # mih: measured seconds per query of each path (see _mih_search)
         self._selection = {False: (0.0, 0), True: (0.0, 0)}  # use_heap -> (summed s/query, batches): see below
-        self._owner = index  # keeps an index alive while ``scan`` may be a view into it (old mih files, below)
         if index_type == "mih" and hasattr(index, "storage"):
-            # mih shards written by earlier rayhash versions hold a FAISS IndexBinaryMultiHash: only its codes serve
-            index = self.index = index.storage
+            # mih shards written by earlier rayhash versions hold a FAISS IndexBinaryMultiHash: only its codes serve;
+            # the multi-hash index is kept, as it owns them
+            self._multihash, index = index, index.storage
+            self.index = index
         configure(index, index_type, params)
         self.scan = index  # what a k-NN scan searches
         self.gpu_index = None
