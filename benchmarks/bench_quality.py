@@ -26,10 +26,14 @@ import time
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAYHASH_PROGRESS", "0")
 
+from rayhash.config import KL_ESTIMATORS  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = {"a": ("CE", ["loss.alpha=0", "loss.beta=0"]),
             "b": ("CE+L_sim", ["loss.beta=0"]),
             "c": ("CE+L_sim+L_KL", [])}  # c: alpha and beta (> 0) as configured / --set
+# c-<estimator>: (c) with that loss.kl_estimator (rayhash.losses.kl), e.g. c-blockwise
+VARIANTS.update({f"c-{e}": (f"CE+L_sim+L_KL {e}", [f"loss.kl_estimator={e}"]) for e in KL_ESTIMATORS})
 COLUMNS = ["mAHP@250", "mAHP@250_expected", "mAP@1000", "P@r2", "gap", "quant_error", "bit_balance",
            "bit_correlation", "within_r0", "within_r2"]
 
@@ -47,7 +51,7 @@ def _run(args, ds: str, variant: str, seed: int, work: str) -> dict:
 
     name, overrides = VARIANTS[variant]
     cfg = load_config(args.config, [f"data.path={ds}", f"train.seed={seed}", *args.set, *overrides])
-    if variant == "c" and not (cfg.loss.alpha and cfg.loss.beta):
+    if variant.startswith("c") and not (cfg.loss.alpha and cfg.loss.beta):
         raise SystemExit("variant c needs loss.alpha > 0 and loss.beta > 0: pass e.g. --set loss.beta=0.1")
     t0 = time.perf_counter()
     last = train(cfg, tempfile.mkdtemp(dir=work, prefix=f"{variant}-{seed}-")).metrics[-1]
@@ -58,7 +62,7 @@ def _run(args, ds: str, variant: str, seed: int, work: str) -> dict:
 
 def _table(rows: list[dict], refs: dict[str, list[float]]) -> str:
     lines = [f"| variant | runs | {' | '.join(COLUMNS)} | time / run |", "|---" * (len(COLUMNS) + 3) + "|"]
-    for v in sorted({r["variant"] for r in rows}):
+    for v in sorted({r["variant"] for r in rows}, key=list(VARIANTS).index):
         rs = [r for r in rows if r["variant"] == v]
         cells = [_mean_sd([r[c] for r in rs]) if all(c in r for r in rs) else "" for c in COLUMNS]
         lines.append(f"| ({v}) {rs[0]['name']} | {len(rs)} | {' | '.join(cells)} | "
@@ -75,13 +79,16 @@ def main() -> None:
     p.add_argument("--config", default=os.path.join(HERE, "..", "configs", "cifar100-cpu.yaml"))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every variant, repeatable (e.g. --set train.epochs=6)")
-    p.add_argument("--variants", default="a,b,c", help="comma-separated subset of a, b, c")
+    p.add_argument("--variants", default="a,b,c", help=f"comma-separated subset of {', '.join(VARIANTS)}")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     p.add_argument("--limit", type=int, default=None, help="images per class and split (default: all)")
     p.add_argument("--results", default=None, help="JSON-lines file of finished runs (default: a temp folder)")
     p.add_argument("--work", default=None, help="folder for the dataset and runs (default: a temp folder)")
     args = p.parse_args()
     args.config = os.path.abspath(args.config)
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        p.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
 
     import numpy as np
     import ray
@@ -99,8 +106,8 @@ def main() -> None:
     done = [json.loads(x) for x in open(results)] if os.path.exists(results) else []
     key = lambda r: (r["variant"], r["seed"], tuple(r["set"]), r["config"])  # noqa: E731
     t_start = time.perf_counter()
-    for variant in args.variants.split(","):
-        for seed in (int(s) for s in args.seeds.split(",")):
+    for seed in (int(s) for s in args.seeds.split(",")):  # every variant's first seed first: a paired comparison
+        for variant in args.variants.split(","):
             if any(key(r) == (variant, seed, tuple(args.set), args.config) for r in done):
                 continue
             row = _run(args, ds, variant, seed, work)

@@ -9,10 +9,12 @@ import difflib
 import os
 from typing import Any, Literal, Mapping, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 BETA_SCHEDULES = ("constant", "ramp")  # rayhash.losses.hashing.beta_at
 KL_DISTANCES = ("l2", "l1")  # rayhash.losses.kl.DISTANCES
+KL_ESTIMATORS = ("sampled", "blockwise", "corners")  # rayhash.losses.kl.ESTIMATORS (checked there at import)
+KL_TC = ("rho", "none", "gaussian")  # blockwise: how the total correlation between blocks enters (README)
 
 
 class _Section(BaseModel):
@@ -81,6 +83,11 @@ class LossConfig(_Section):
     kl_samples: float = Field(1.0, gt=0)  # m target samples = kl_samples x n outputs (n includes the queue)
     kl_distance: Literal[KL_DISTANCES] = "l2"  # norm of the k-NN KL estimator (l1 = Hamming on corners)
     kl_queue: int = Field(0, ge=0)  # recent detached outputs added to the estimator's sample (0 = off)
+    kl_estimator: Literal[KL_ESTIMATORS] = "sampled"  # how L_KL's cross-entropy half is estimated (README)
+    kl_block: int = Field(8, ge=1, le=12)  # blockwise: bits per block (divides model.bits; 2^b corners covered)
+    kl_tc: Literal[KL_TC] = "rho"  # blockwise: rho = whole-code entropy | none = per-block bound | gaussian = +
+    # the Gaussian total correlation between blocks (a decorrelation penalty)
+    kl_nu_k: int | None = Field(None, ge=1)  # rank l of the target neighbour (null: k; corners: 1 = own corner)
     label_smoothing: float = Field(0.0, ge=0, lt=1)  # of the cross-entropy term
 
 
@@ -119,6 +126,14 @@ class RunConfig(_Section):
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RunConfig":
+        """Settings that are only wrong together, each error naming both keys."""
+        if self.loss.kl_estimator == "blockwise" and self.model.bits % self.loss.kl_block:
+            raise ValueError(f"loss.kl_block={self.loss.kl_block} must divide model.bits={self.model.bits} "
+                             "(blocks of 4 or 8 bits fit every code length)")
+        return self
 
     def to_yaml(self) -> str:
         from omegaconf import OmegaConf
@@ -201,5 +216,5 @@ def _explain(err: ValidationError, source: str) -> str:
             lines.append(f"{key}: unknown key; {hint}allowed keys here: {', '.join(allowed)}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"{key}: {msg} (got {e.get('input')!r})")
+            lines.append(f"{key}: {msg} (got {e.get('input')!r})" if key else msg)  # no key: names its keys
     return f"{source}: invalid configuration: " + "; ".join(lines)

@@ -8,7 +8,7 @@ from torch import nn
 
 from rayhash.config import BETA_SCHEDULES
 from rayhash.losses.distributed import all_gather_with_grad, world_size
-from rayhash.losses.kl import DISTANCES, knn_kl_divergence, sample_binary_target
+from rayhash.losses.kl import DISTANCES, ESTIMATORS
 from rayhash.losses.similarity import (embedding_target_distance, label_target_distance,
                                        relative_similarity_loss)
 
@@ -31,8 +31,11 @@ class HashingLoss(nn.Module):
 
     Scales: CE in nats; L_sim is O(1) (squared relative error); L_KL is divided by the code length d so that it is a
     per-bit KL (nats/bit) and ``beta`` does not need retuning across code lengths.
-    KL estimator: ``kl_samples`` x n target samples, its ``k``, the ``kl_distance`` (l2 | l1) and an optional queue
-    of the last ``kl_queue`` detached outputs that enlarges the output sample (a FIFO kept on the module).
+    KL estimator: ``kl_estimator`` (``sampled`` | ``blockwise`` | ``corners``, :mod:`rayhash.losses.kl`) with
+    ``kl_samples`` x n target samples, its ``k`` (and ``kl_nu_k``, the target neighbour's rank), the
+    ``kl_distance`` (l2 | l1), ``kl_block`` bits per block and ``kl_tc`` (blockwise), and an optional queue of
+    the last ``kl_queue`` detached outputs that enlarges the output sample (a FIFO kept on the module); every
+    estimator uses the queue in its entropy term.
     ``label_smoothing`` of the CE term. All terms are computed in (at least) float32 whatever the surrounding autocast (bf16 rounds tanh outputs near ±1 and turns
     the estimator's small distances into ties).
     Under DDP (torch.distributed initialised) L_sim and L_KL use the global batch (``all_gather_with_grad``) and
@@ -44,16 +47,22 @@ class HashingLoss(nn.Module):
     def __init__(self, alpha: float = 1.0, beta: float = 1.0, k: int = 3, uniformity: float = 0.1,
                  sim_form: str = "relative", tau: float = 0.1, similarity=None, global_batch: bool = True,
                  kl_samples: float = 1.0, kl_distance: str = "l2", kl_queue: int = 0, label_smoothing: float = 0.0,
-                 equal_batches: bool = False):
+                 equal_batches: bool = False, kl_estimator: str = "sampled", kl_block: int = 8,
+                 kl_tc: str = "rho", kl_nu_k: int | None = None):
         super().__init__()
         if sim_form not in ("relative", "softmax"):
             raise ValueError(f"loss similarity form must be 'relative' or 'softmax', got {sim_form!r}")
         if kl_distance not in DISTANCES:
             raise ValueError(f"loss.kl_distance must be one of {sorted(DISTANCES)}, got {kl_distance!r}")
+        if kl_estimator not in ESTIMATORS:
+            raise ValueError(f"loss.kl_estimator must be one of {tuple(ESTIMATORS)}, got {kl_estimator!r}")
         self.alpha, self.beta, self.k, self.uniformity = alpha, beta, k, uniformity
         self.sim_form, self.tau, self.global_batch = sim_form, tau, global_batch
         self.kl_samples, self.kl_p, self.kl_queue = kl_samples, DISTANCES[kl_distance], kl_queue
         self.label_smoothing, self.equal_batches = label_smoothing, equal_batches
+        self.kl_estimator = ESTIMATORS[kl_estimator]
+        self.kl_settings = {"k": k, "l": kl_nu_k, "p": self.kl_p, "uniformity": uniformity, "block": kl_block,
+                            "tc": kl_tc}
         S = None if similarity is None else torch.tensor(np.asarray(similarity), dtype=torch.float32)  # a copy
         self.register_buffer("similarity", S, persistent=False)
         self.register_buffer("queue", None, persistent=False)
@@ -63,7 +72,8 @@ class HashingLoss(nn.Module):
         c = loss_cfg
         return cls(alpha=c.alpha, beta=c.beta, k=c.k, uniformity=c.uniformity, sim_form=c.similarity, tau=c.tau,
                    similarity=similarity, kl_samples=c.kl_samples, kl_distance=c.kl_distance, kl_queue=c.kl_queue,
-                   label_smoothing=c.label_smoothing, equal_batches=equal_batches)
+                   label_smoothing=c.label_smoothing, equal_batches=equal_batches, kl_estimator=c.kl_estimator,
+                   kl_block=c.kl_block, kl_tc=c.kl_tc, kl_nu_k=c.kl_nu_k)
 
     def forward(self, z: torch.Tensor, logits: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 target_distance: torch.Tensor | None = None, embeddings: torch.Tensor | None = None,
@@ -99,9 +109,8 @@ class HashingLoss(nn.Module):
     def _kl(self, zg: torch.Tensor, generator) -> torch.Tensor:
         extra = self.queue if self.kl_queue and self.queue is not None else None
         n_pool = zg.shape[0] + (0 if extra is None else extra.shape[0])
-        m = max(self.k, int(round(self.kl_samples * n_pool)))
-        y = sample_binary_target(m, zg.shape[1], self.uniformity, generator, zg.device, zg.dtype)
-        kl = knn_kl_divergence(zg, y, k=self.k, p=self.kl_p, extra=extra) / zg.shape[1]
+        m = max(self.k, self.kl_settings["l"] or 1, int(round(self.kl_samples * n_pool)))
+        kl = self.kl_estimator(zg, extra, m, generator, self.kl_settings) / zg.shape[1]
         if self.kl_queue and self.training:
             q = zg.detach() if extra is None else torch.cat([zg.detach(), extra])
             self.queue = q[: self.kl_queue]
