@@ -16,6 +16,7 @@ STAGE_CLIS = (
     "rayhash.encode.cli",    # encode
     "rayhash.index.cli",     # index build | query
     "rayhash.eval.cli",      # eval
+    "rayhash.serve.cli",     # serve
     "rayhash.submit.cli",    # submit | status | logs | stop
     "rayhash.pipeline",      # demo / pipeline
 )
@@ -24,7 +25,7 @@ DESCRIPTION = """\
 rayhash learns semantic binary hash codes for images (Arponen & Bishop 2020) and serves Hamming search
 over sharded FAISS binary indices, on Ray.
 
-pipeline:  data convert -> [data embed-captions] -> train -> encode -> index build -> query / eval
+pipeline:  data convert -> [data embed-captions] -> train -> encode -> index build -> query / eval / serve
 quick start (local Ray, offline synthetic data):  rayhash demo --out runs/demo
 """
 

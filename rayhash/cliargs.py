@@ -1,5 +1,5 @@
 """argparse types that refuse out-of-range numbers with the option's rule (``--shard-size 0`` is an error, not the
-default). Shared by every stage's ``cli.py``."""
+default), and the action that refuses a secret on the command line. Shared by every stage's ``cli.py``."""
 from __future__ import annotations
 
 import argparse
@@ -42,3 +42,12 @@ def nonnegative_float(text: str) -> float:
     if not v >= 0:
         raise argparse.ArgumentTypeError(f"{v} is not allowed: must be 0 or more")
     return v
+
+
+class RefuseToken(argparse.Action):
+    """``--token VALUE`` would put the secret in every process listing and in shell history."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error("--token would show the token to every user of this machine (ps, shell history); pass "
+                     "--token-file PATH (chmod 600), --token-file - (read from standard input), or set "
+                     "$RAYHASH_TOKEN")

@@ -33,6 +33,7 @@ STAGES = {
     "encode": "encode",
     "index": "index",
     "eval": "eval",
+    "serve": "serve",
     "pipeline": "pipeline",
 }
 
@@ -89,11 +90,11 @@ def resolve_token(token: str | None = None, token_file: str | os.PathLike | None
     token_file = token_file or (None if token else (os.environ.get("RAYHASH_TOKEN_FILE")
                                                     or os.environ.get("RAY_AUTH_TOKEN_PATH")))
     if not token and token_file:
-        token = _read_token_file(str(token_file))
+        token = read_token_file(str(token_file))
     return token.strip() if token else None
 
 
-def _read_token_file(token_file: str) -> str:
+def read_token_file(token_file: str) -> str:
     """``-`` reads standard input; a pipe (``<(...)``) is read as it is; a regular file must be private (no
     group or other permission bits, as ssh requires of keys)."""
     if token_file == "-":

@@ -5,10 +5,10 @@ import argparse
 import shlex
 import sys
 
-from rayhash.cliargs import nonnegative_float
+from rayhash.cliargs import RefuseToken, nonnegative_float
 
 SUBMIT_EPILOG = """\
-stages: convert, embed-captions, train, encode, index, eval, pipeline (= python jobs/<stage>.py <args>)
+stages: convert, embed-captions, train, encode, index, eval, serve, pipeline (= python jobs/<stage>.py <args>)
 examples:
   rayhash submit --address http://127.0.0.1:8265 convert synthetic --out s3://bucket/ds
   rayhash submit --token-file ~/.ray/cluster_token train --config configs/cifar100.yaml --data s3://bucket/ds --out s3://bucket/run
@@ -23,19 +23,10 @@ must already have rayhash's dependencies (see cluster/README.md). Exit status: 0
 def _connection_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cluster")
     g.add_argument("--address", help="Jobs API URL, http://HEAD:8265 (default: $RAYHASH_ADDRESS, $RAY_ADDRESS)")
-    g.add_argument("--token", action=_RefuseToken, help=argparse.SUPPRESS)
+    g.add_argument("--token", action=RefuseToken, help=argparse.SUPPRESS)
     g.add_argument("--token-file", help="file holding the Ray auth token, private (chmod 600), or - to read it from "
                                         "standard input (default: $RAYHASH_TOKEN_FILE, $RAY_AUTH_TOKEN_PATH; or the "
                                         "token itself in $RAYHASH_TOKEN). Never on the command line: `ps` shows it")
-
-
-class _RefuseToken(argparse.Action):
-    """``--token VALUE`` would put the secret in every process listing and in shell history."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        parser.error("--token would show the token to every user of this machine (ps, shell history); pass "
-                     "--token-file PATH (chmod 600), --token-file - (read from standard input), or set "
-                     "$RAYHASH_TOKEN")
 
 
 def register(subparsers) -> None:
