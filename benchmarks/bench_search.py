@@ -14,6 +14,9 @@ wrote (``--real-codes``: a `rayhash encode` output folder, e.g. the CIFAR recipe
 Exactness of every sharded method against the single
 FAISS index is checked in the same run on ``--check`` queries.
 
+The "cold" column times what a driver that opens an index meets: a fresh open (or, for the single FAISS index, a
+fresh index), one warm-up search of 5 queries, then one batch, timed once (no earlier batches to learn from).
+
 Prints queries/s and codes compared/s for each, the ratio of best times to the single FAISS index in its faster
 k-selection setting (heap or counting, whichever wins on this machine), the median over rounds of the same ratio
 taken within each round (what a typical batch sees, less sensitive to one lucky round), memory per code, build
@@ -111,6 +114,29 @@ def round_times(fns: dict, repeat: int) -> dict:
     return times
 
 
+def cold_time(make, q: np.ndarray, k: int) -> tuple[float, np.ndarray]:
+    """(seconds, distances) of one batch on a freshly made index (``make()`` returns something with ``search`` and
+    maybe ``close``) after one warm-up search of 5 queries."""
+    index = make()
+    try:
+        index.search(q[:5], k)
+        t = time.perf_counter()
+        res = index.search(q, k)
+        return time.perf_counter() - t, res[0] if isinstance(res, tuple) else res.distances
+    finally:
+        getattr(index, "close", lambda: None)()
+
+
+def faiss_flat(db: np.ndarray, bits: int, use_heap: bool):
+    """One FAISS IndexBinaryFlat over ``db`` with the heap or the counting k-selection."""
+    import faiss
+
+    index = faiss.IndexBinaryFlat(bits)
+    index.use_heap = use_heap
+    index.add(db)
+    return index
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=200_000, help="database codes")
@@ -166,10 +192,15 @@ def main(argv=None) -> int:
     build_index(os.path.join(tmp, "codes"), os.path.join(tmp, "mih"), index_type="mih", shards=args.shards)
     print(f"build mih ({args.shards} Ray tasks): {time.perf_counter() - t:.2f}s")
 
-    rss = _rss()
-    single = faiss.IndexBinaryFlat(args.bits)
-    single.add(db)
-    flat_bytes = _rss() - rss
+    cold = {"faiss IndexBinaryFlat (1 index)": cold_time(lambda: faiss_flat(db, args.bits, True), q, args.k),
+            "faiss IndexBinaryFlat (1 index, use_heap=False)": cold_time(lambda: faiss_flat(db, args.bits, False), q,
+                                                                         args.k),
+            f"sharded local ({args.shards} shards)": cold_time(
+                lambda: ShardedIndex.open(os.path.join(tmp, "index"), mode="local"), q, args.k),
+            f"sharded local mih ({args.shards} shards)": cold_time(
+                lambda: ShardedIndex.open(os.path.join(tmp, "mih"), mode="local"), q, args.k)}
+    single = faiss_flat(db, args.bits, True)
+    flat_bytes = single.ntotal * single.code_size  # what a flat index holds: the codes
     from rayhash.index.mih import MultiIndex
 
     t = time.perf_counter()
@@ -189,9 +220,7 @@ def main(argv=None) -> int:
     print(f"memory per code of the opened sharded flat index: {local_bytes / args.n:.1f} B (its key and label maps "
           f"~{keymaps:.0f} B); mih with the same maps: ~{keymaps + mih_bytes / args.n:.0f} B "
           f"({(keymaps + mih_bytes / args.n) / max(1e-9, local_bytes / args.n):.1f}x)")
-    counting = faiss.IndexBinaryFlat(args.bits)  # the same codes, FAISS's counting k-selection
-    counting.use_heap = False
-    counting.add(db)
+    counting = faiss_flat(db, args.bits, False)  # the same codes, FAISS's counting k-selection
     rounds = round_times({
         "faiss IndexBinaryFlat (1 index)": lambda: single.search(q, args.k),
         "faiss IndexBinaryFlat (1 index, use_heap=False)": lambda: counting.search(q, args.k),
@@ -204,6 +233,10 @@ def main(argv=None) -> int:
     median_ratio = {name: float(np.median(base_rounds / np.array(t))) for name, t in rounds.items()}
     sample = q[:args.check]
     want = single.search(sample, args.k)[0]
+    for name, (_, got) in cold.items():
+        same = np.array_equal(got[:args.check], want)
+        print(f"exactness, cold {name}: {'identical' if same else 'DIFFERENT'} distances on {len(sample)} queries")
+    cold = {name: sec for name, (sec, _) in cold.items()}
     for name, index in (("flat", local), ("mih", mih)):
         got = index.search(sample, args.k).distances
         print(f"exactness, sharded {name}: {'identical' if np.array_equal(got, want) else 'DIFFERENT'} distances "
@@ -220,14 +253,17 @@ def main(argv=None) -> int:
     results[f"numpy brute force ({nq_np} queries, scaled)"] = t_np * args.nq / nq_np
 
     base = min(v for name, v in results.items() if name.startswith("faiss"))  # the faster single-index setting
+    cold_base = min(v for name, v in cold.items() if name.startswith("faiss"))
     limit = popcount_limit() * 64 / args.bits
     print(f"{'method':<50} {'queries/s':>12} {'scan-equivalent compares/s':>27} {'of popcount limit':>18} "
-          f"{'vs 1 FAISS':>10} {'median of rounds':>17}")
+          f"{'vs 1 FAISS':>10} {'median of rounds':>17} {'cold q/s':>9} {'cold vs 1 FAISS':>16}")
     for name, sec in results.items():
         qps = args.nq / sec
         median = f"{median_ratio[name]:.2f}x" if name in median_ratio else "-"
+        cold_cols = (f"{args.nq / cold[name]:>9.1f} {cold_base / cold[name]:>15.2f}x" if name in cold
+                     else f"{'-':>9} {'-':>16}")
         print(f"{name:<50} {qps:>12.1f} {qps * args.n:>27.3e} {qps * args.n / limit:>17.1%} {base / sec:>9.2f}x "
-              f"{median:>17}")
+              f"{median:>17} {cold_cols}")
     print(f"popcount limit: {limit:.3e} {args.bits}-bit compares/s ({os.cpu_count()} cores, one XOR+POPCNT per "
           "64 bits per cycle); a multi-index search above 100% compares fewer codes than a scan would")
     if not args.skip_ray:

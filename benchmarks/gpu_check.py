@@ -241,7 +241,7 @@ def check_search(device, database: int, queries: int, k: int, bits: int = 64, se
     """GpuIndexBinaryFlat against IndexBinaryFlat on the CPU: identical distances, queries/s."""
     import faiss
 
-    from rayhash.index.search import faiss_gpu_usable, faiss_gpu_wheel, gpu_capability
+    from rayhash.index.gpu import faiss_gpu_usable, faiss_gpu_wheel, gpu_capability
 
     rng = np.random.default_rng(seed)
     db = rng.integers(0, 256, (database, bits // 8), dtype=np.uint8)

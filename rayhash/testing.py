@@ -2,16 +2,22 @@
 
 ``fake_faiss_gpu`` replaces faiss's GPU classes with CPU-backed fakes that fail the way the real ones fail, so the
 GPU search path (shard copies, the one-search-at-a-time lock, the k limit, the capability gate) runs and is
-checked on a CPU-only machine. Nothing in ``rayhash`` imports this module.
+checked on a CPU-only machine. :func:`hooks` builds the instrumentation that tests pass to ``train`` and
+``encode_dataset`` (trace what workers saw, kill a worker, crash the encode driver). Nothing in ``rayhash``
+imports this module.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import threading
+import time
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
+
+from rayhash.hooks import Hooks
 
 GPU_MAX_K = 2048  # faiss GPU k-selection limit (GPU_MAX_SELECTION_K)
 
@@ -75,13 +81,13 @@ def _fake_index_class(stats: FakeGpuStats, capability: tuple[int, int], low: tup
 
 @contextlib.contextmanager
 def fake_faiss_gpu(capability: tuple[int, int] = (8, 0), wheel: str = "faiss-gpu-cu12") -> Iterator[FakeGpuStats]:
-    """Within the block, faiss is the GPU ``wheel`` (one of ``rayhash.index.search.FAISS_GPU_WHEELS``) with one 'GPU'
+    """Within the block, faiss is the GPU ``wheel`` (one of ``rayhash.index.gpu.FAISS_GPU_WHEELS``) with one 'GPU'
     of ``capability``: ``get_num_gpus() == 1``, ``StandardGpuResources`` and ``GpuIndexBinaryFlat`` are the fakes
     above (aborting the process where that wheel has no kernels), and the CUDA driver reports ``capability``.
     Yields the stats."""
     import faiss
 
-    from rayhash.index import search
+    from rayhash.index import gpu as search
 
     stats = FakeGpuStats()
     low, high = search.FAISS_GPU_WHEELS[wheel]
@@ -103,3 +109,48 @@ def fake_faiss_gpu(capability: tuple[int, int] = (8, 0), wheel: str = "faiss-gpu
             else:
                 setattr(faiss, name, value)
         search.gpu_capability, search._GPU_RES, search.faiss_gpu_wheel = saved_cc, saved_res, saved_wheel
+
+
+@dataclass(frozen=True)
+class _TestHooks(Hooks):
+    """What :func:`hooks` builds: records, fails and crashes at the points :class:`rayhash.hooks.Hooks` names."""
+
+    trace_dir: str | None = None
+    fail_at: tuple[int, int, str] | None = None  # (rank, step, marker file)
+    crash_after_output: int | None = None
+
+    def train_step(self, rank: int, step: int) -> None:
+        if self.fail_at is None:
+            return
+        fail_rank, fail_step, marker = self.fail_at
+        if (rank, step) == (fail_rank, fail_step) and not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)  # the worker process dies as a lost node's would: no clean-up, no exception
+
+    def train_restored(self, rank: int, epoch: int, step: int, fingerprint: dict[str, float]) -> None:
+        self._write(f"restore-rank{rank}-{time.time_ns()}", {"epoch": epoch, "step": step, **fingerprint})
+
+    def train_epoch(self, rank: int, epoch: int, labels: list[int], node: str) -> None:
+        self._write(f"epoch{epoch}-rank{rank}", {"labels": labels, "node": node})
+
+    def encode_output(self, written: int) -> None:
+        if self.crash_after_output == written:
+            os._exit(137)  # the encode driver dies mid-run, as a killed job does
+
+    def _write(self, name: str, obj: dict) -> None:
+        if self.trace_dir:
+            from rayhash import storage
+
+            storage.write_json(storage.join(self.trace_dir, name + ".json"), obj)
+
+
+def hooks(trace: str | os.PathLike | None = None, fail_at: tuple[int, int, str | os.PathLike] | None = None,
+          crash_after_output: int | None = None) -> Hooks:
+    """Test hooks for ``train(..., hooks=)`` and ``encode_dataset(..., hooks=)``:
+    ``trace``: each worker writes ``epoch<E>-rank<R>.json`` (labels seen, node) and ``restore-rank<R>-*.json``
+    (epoch, step, weight and optimizer sums) into this folder; ``fail_at=(rank, step, marker)``: that worker exits
+    before that global step, once (the marker file records it); ``crash_after_output=N``: the encode driver exits
+    with status 137 right after writing its N-th code shard."""
+    fail = None if fail_at is None else (int(fail_at[0]), int(fail_at[1]), str(fail_at[2]))
+    return _TestHooks(wants_labels=trace is not None, trace_dir=None if trace is None else str(trace),
+                      fail_at=fail, crash_after_output=crash_after_output)

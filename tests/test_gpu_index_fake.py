@@ -84,7 +84,7 @@ def test_without_the_lock_the_fake_catches_concurrent_searches(gpu_fake_index, m
     shared GPU resources are refused."""
     import contextlib
 
-    from rayhash.index import search
+    from rayhash.index import gpu as search
     from rayhash.testing import fake_faiss_gpu
 
     idx, _, _, q = gpu_fake_index

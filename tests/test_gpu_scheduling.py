@@ -95,7 +95,7 @@ def _fake_cuda(monkeypatch, capability=(8, 0), wheel="faiss-gpu-cu12"):
     import faiss
     import torch
 
-    from rayhash.index import search
+    from rayhash.index import gpu as search
 
     assert search.gpu_capability() is None  # no NVIDIA driver here: what the real query gives without a GPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -110,7 +110,7 @@ def _fake_cuda(monkeypatch, capability=(8, 0), wheel="faiss-gpu-cu12"):
 def test_faiss_gpu_only_on_gpus_its_wheel_has_kernels_for(monkeypatch, capability, usable, caplog):
     """faiss-gpu-cu12 wheels have kernels up to compute capability 8.9: on an H100 (9.0) the first kernel launch
     aborts the process, so the index stays on CPU and says why."""
-    from rayhash.index.search import faiss_gpu_usable
+    from rayhash.index.gpu import faiss_gpu_usable
 
     _fake_cuda(monkeypatch, capability)
     monkeypatch.delenv("RAYHASH_FAISS_GPU", raising=False)
@@ -131,7 +131,7 @@ def test_work_given_no_gpu_stays_on_cpu_on_a_gpu_node(ray_local):
         import faiss
         import torch
 
-        from rayhash.index import search
+        from rayhash.index import gpu as search
 
         saved = torch.cuda.is_available, search.gpu_capability, faiss.get_num_gpus
         torch.cuda.is_available = lambda: True  # this worker sees a GPU, as it would on a GPU node

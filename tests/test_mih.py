@@ -51,19 +51,20 @@ def test_knn_equals_brute_force_by_distance_then_rank(kind, nbytes, tables):
     dist = brute_distances(q, db)
     largest_tie = max(np.unique(row, return_counts=True)[1].max() for row in dist)
     for k in sorted({1, 5, 37, int(largest_tie) + 3} | ({n} if narrow else set())):
-        got, gave_up = mi.search(q, min(k, n), threads=1 + k % 2, budget=math.inf)
+        got, gave_up = mi.search(q, min(k, n), threads=1 + k % 2, scan_units=math.inf)
         assert not gave_up.any()
         np.testing.assert_array_equal(got, _expected(q, db, rank, stride, min(k, n)), err_msg=f"k={k}")
 
 
-def test_queries_over_budget_are_flagged_and_the_rest_exact():
-    """A tight budget: far queries give up (their caller scans them), near ones are still exact."""
+def test_queries_dearer_than_a_scan_are_flagged_and_the_rest_exact():
+    """Far queries are predicted (from their buckets' occupancy) or found (out of budget) dearer than a scan and
+    flagged for their caller to scan; near ones are probed, exactly."""
     rng = np.random.default_rng(7)
     n = 4000
     db = _codes("clustered", n, 8, rng)
     rank = np.arange(n, dtype=np.int64)
     q = np.concatenate([db[:20], rng.integers(0, 256, (20, 8), dtype=np.uint8)])
-    got, gave_up = MultiIndex(db, rank, n + 1).search(q, 10, budget=4 * n)
+    got, gave_up = MultiIndex(db, rank, n + 1).search(q, 10, scan_units=40 * n)
     assert gave_up[20:].any() and not gave_up[:20].all()  # random queries need far more work than near ones
     ok = ~gave_up
     np.testing.assert_array_equal(got[ok], _expected(q[ok], db, rank, n + 1, 10))

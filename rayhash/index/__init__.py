@@ -32,7 +32,7 @@ _one_faiss()
 
 from rayhash.index.build import build_index, read_manifest
 from rayhash.index.codes import CodeTable, read_code_file, read_codes, write_codes
-from rayhash.index.search import RangeResult, SearchResult
+from rayhash.index.merge import RangeResult, SearchResult
 from rayhash.index.sharded import ShardedIndex
 from rayhash.index.types import INDEX_TYPES
 

@@ -13,13 +13,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from rayhash import storage
-from rayhash.index.codes import CodeTable, code_file_rows, list_code_files, read_code_file, read_codes_summary
-from rayhash.index.types import INDEX_TYPES, default_params, make_faiss_index
-from rayhash.layout import IndexDir
+from rayhash.index.codes import CodeTable, check_keys, code_file_rows, list_code_files, read_code_file, read_codes_summary
+from rayhash.index.types import INDEX_TYPES, check_params, default_params, make_faiss_index
+from rayhash.layout import IndexDir, IndexManifest
 from rayhash.runtime import get_logger
 
-FORMAT = "rayhash-index"
-FORMAT_VERSION = 1
+FORMAT, FORMAT_VERSION = IndexManifest.FORMAT, IndexManifest.SCHEMA_VERSION
 log = get_logger("rayhash.index")
 
 
@@ -44,25 +43,15 @@ def _build_shard(out: str, no: int, pieces: list[tuple[str, int, int]], index_ty
             "idmap_sha256": ids_sha, "sources": [[f, lo, hi] for f, lo, hi in pieces]}
 
 
-def read_manifest(index_dir: str) -> dict[str, Any]:
-    """The manifest of an index folder, checked for format and consistency."""
+def read_manifest(index_dir: str) -> IndexManifest:
+    """The manifest of an index folder as a typed record (:class:`rayhash.layout.IndexManifest`: fields, types,
+    schema version), its index type known and its parameters in range."""
+    m = IndexDir.of(index_dir).read_manifest()
     path = IndexDir.of(index_dir).manifest
-    if not storage.exists(path):
-        raise FileNotFoundError(f"{path}: not found — {index_dir} is not a rayhash index "
-                                "(build one with `rayhash index build --codes CODES --out INDEX`)")
-    m = storage.read_json(path)
-    if m.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a rayhash index manifest (format={m.get('format')!r})")
-    if int(m.get("format_version", -1)) > FORMAT_VERSION:
-        raise ValueError(f"{path}: format version {m.get('format_version')} is newer than this rayhash supports "
-                         f"({FORMAT_VERSION}); upgrade rayhash")
-    bits = m.get("bits")
-    if not isinstance(bits, int) or bits <= 0 or bits % 8:
-        raise ValueError(f"{path}: field 'bits' = {bits!r} is not a positive multiple of 8; the manifest is corrupt, "
-                         "rebuild the index")
-    if m.get("index_type") not in INDEX_TYPES:
-        raise ValueError(f"{path}: field 'index_type' = {m.get('index_type')!r} is not one of "
+    if m.index_type not in INDEX_TYPES:
+        raise ValueError(f"{path}: field 'index_type' = {m.index_type!r} is not one of "
                          f"{', '.join(INDEX_TYPES.names())}; the manifest is corrupt or from a newer rayhash")
+    check_params(m.index_type, dict(m.params), m.bits, f"{path}: field 'params'", "rebuild the index")
     return m
 
 
@@ -126,6 +115,7 @@ def _build(codes, index: IndexDir, index_type: str, shards: int, append: bool, c
                          "index codes of one checkpoint at a time")
     bits = widths.pop() * 8
     summary = read_codes_summary(str(codes)) if isinstance(codes, (str, os.PathLike)) else {}
+    check_keys(files)
     checkpoint = checkpoint or summary.get("checkpoint")
     manifest_path = index.manifest
     old = None
@@ -165,7 +155,7 @@ def _build(codes, index: IndexDir, index_type: str, shards: int, append: bool, c
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     for s in new:
         s["created"] = now
-    all_shards = (old["shards"] if old else []) + new
+    all_shards = ([s.to_json() for s in old.shards] if old else []) + new
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "bits": bits, "index_type": index_type,
         "faiss_class": INDEX_TYPES[index_type].faiss_class, "params": params, "checkpoint": checkpoint,
@@ -177,4 +167,4 @@ def _build(codes, index: IndexDir, index_type: str, shards: int, append: bool, c
     }
     storage.write_json(manifest_path, manifest)
     log.info("index %s: %d shards, %d codes", out, len(all_shards), manifest["ntotal"])
-    return manifest
+    return IndexManifest.parse(manifest, manifest_path)

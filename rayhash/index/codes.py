@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rayhash import storage
-from rayhash.layout import CodesDir
+from rayhash.layout import CodesDir, CodesSummary
 
 
 @dataclass
@@ -119,16 +119,46 @@ def read_codes(codes_dir: str | os.PathLike | Sequence[str]) -> CodeTable:
         raise ValueError(f"{codes_dir}: code shards have different code widths ({detail} bits); "
                          "they come from different checkpoints — encode them into separate folders")
     bits = tables[0].bits
-    summary = CodesDir.of(codes_dir).summary if isinstance(codes_dir, (str, os.PathLike)) else None
-    if summary and storage.exists(summary):
-        declared = storage.read_json(summary).get("bits")
-        if declared is not None and int(declared) != bits:
-            raise ValueError(f"{summary}: says bits={declared} but the code shards hold {bits}-bit codes; "
-                             "the folder mixes runs — re-encode into an empty folder")
+    summary = read_codes_summary(codes_dir) if isinstance(codes_dir, (str, os.PathLike)) else {}
+    if summary and summary.bits != bits:
+        raise ValueError(f"{CodesDir.of(codes_dir).summary}: says bits={summary.bits} but the code shards hold "
+                         f"{bits}-bit codes; the folder mixes runs — re-encode into an empty folder")
     return CodeTable.concat(tables, bits)
 
 
-def read_codes_summary(codes_dir: str) -> dict:
-    """``codes.json`` of a codes folder, or ``{}`` when absent."""
-    path = CodesDir.of(codes_dir).summary
-    return storage.read_json(path) if storage.exists(path) else {}
+def read_codes_summary(codes_dir: str) -> CodesSummary | dict:
+    """``codes.json`` of a codes folder as a typed record (:class:`rayhash.layout.CodesSummary`), or ``{}`` when
+    absent."""
+    return CodesDir.of(codes_dir).read_summary() or {}
+
+
+def check_keys(files: Sequence[str]) -> None:
+    """The keys of code shards must be non-empty strings without NUL characters (numpy's unicode arrays, which the
+    index's key tables are, would silently drop trailing NULs and merge ``'k\\x00'`` with ``'k'``) and unique over
+    all ``files``: otherwise ties by key are not well defined. Refused naming the file, the row and the fix."""
+    import pyarrow.compute as pc
+
+    fix = "give every item its own non-empty key without NUL characters and re-encode"
+    seen = []
+    for uri in files:
+        fs, path = storage.resolve(uri)
+        col = pq.read_table(path, filesystem=fs, columns=["key"]).column("key").combine_chunks()
+        bad = pc.or_kleene(pc.or_kleene(pc.is_null(col), pc.equal(pc.utf8_length(col), 0)),
+                           pc.match_substring(col, "\x00"))
+        rows = np.flatnonzero(bad.fill_null(True).to_numpy(zero_copy_only=False))
+        if len(rows):
+            raise ValueError(f"{uri}: row {rows[0]} has key {col[int(rows[0])].as_py()!r}: keys must be non-empty "
+                             f"and hold no NUL character ({len(rows)} such row(s)); {fix}")
+        seen.append(col)
+    if not seen:
+        return
+    keys = pa.chunked_array(seen)
+    counts = pc.value_counts(keys)
+    dup = pc.filter(counts, pc.greater(counts.field("counts"), 1))
+    if len(dup):
+        key = dup[0]["values"].as_py()
+        where = [(uri, int(np.flatnonzero(pc.equal(c, key).to_numpy(zero_copy_only=False))[0]))
+                 for uri, c in zip(files, seen) if pc.any(pc.equal(c, key)).as_py()]
+        places = ", ".join(f"{u} row {r}" for u, r in where[:3])
+        raise ValueError(f"key {key!r} occurs {dup[0]['counts'].as_py()} times ({places}; {len(dup)} duplicated "
+                         f"key(s) in all): keys must be unique; {fix}")

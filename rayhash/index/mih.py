@@ -13,16 +13,21 @@ Tables: per table the code positions sorted by substring (``perm``), for each va
 order (``lows``, 16 bits wide up to 16 low bits), bisected within a slot. Beside the codes that is 4 + 2 + ≤1 bytes
 per code and table: at 64 bits 2.75x a flat index's memory with 2 tables, 3.6x with 3.
 
-A query whose work (probes and candidates, counted in the codes a flat scan compares in the same time) passes
-``BUDGET`` scans stops early and is reported, for its caller to scan: a query never costs more than 1 + ``BUDGET``
-scans, and on random codes, where no table helps, the caller's batch timing (see ``Shard._mih_search``) scans.
+Probe or scan, per query: before probing, a query's work is predicted from the occupancy of its buckets at 0 and 1
+flips (:func:`_estimate`) and compared with a scan's cost in the same units, measured once when the tables are built
+(:meth:`MultiIndex.calibrate`); a query predicted dearer is left to its caller to scan. A probed query whose work
+(probes and candidates, counted in the codes a flat scan compares in the same time) passes ``BUDGET`` scans stops
+and is scanned too, so no query costs more than 1 + ``BUDGET`` scans. Nothing depends on earlier batches: the first
+batch after loading is searched as every later one.
 
 The kernels are compiled by numba (cached on disk, ``nogil``: a batch is split across threads).
 """
 from __future__ import annotations
 
 import math
+import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
 
 import numpy as np
 from numba import njit, types
@@ -35,6 +40,7 @@ from rayhash.index.types import MIH_MAX_TABLE_BITS as MAX_TABLE_BITS, mih_tables
 # distance, top-k insertion) 60-140 ns.
 PROBE_COST, CANDIDATE_COST = 8, 64
 BUDGET = 0.5  # a query probes until its work reaches half a scan, then is scanned
+CALIBRATE_MIN, CALIBRATE_QUERIES = 20_000, 256  # calibrate() times 256 queries, from 20,000 codes up
 
 
 @intrinsic
@@ -80,20 +86,26 @@ def _next_mask(mask, f, limit):
 
 @njit(inline="always")
 def _bucket(dirs, lows, j, v, shift, lmask):
-    """[lo, hi) of the codes whose table-j substring is v."""
+    """[lo, hi) of the codes whose table-j substring is v: two bisections of the substring's low bits within the
+    directory slot of its high bits."""
     pre = np.int64(v >> shift)
-    lo, end = np.int64(dirs[j, pre]), np.int64(dirs[j, pre + 1])
-    low, hi = v & lmask, end
+    start, end = np.int64(dirs[j, pre]), np.int64(dirs[j, pre + 1])
+    low = v & lmask
+    lo, hi = start, end
     while lo < hi:
         mid = (lo + hi) >> 1
         if np.uint64(lows[j, mid]) < low:
             lo = mid + 1
         else:
             hi = mid
-    hi = lo
-    while hi < end and np.uint64(lows[j, hi]) == low:
-        hi += 1
-    return lo, hi
+    first, hi = lo, end
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if np.uint64(lows[j, mid]) <= low:
+            lo = mid + 1
+        else:
+            hi = mid
+    return first, lo
 
 
 @njit(inline="always")
@@ -109,9 +121,50 @@ def _first_met(words, a, qsubs, j, f, b):
 
 
 @njit(nogil=True, cache=True)
-def _knn(words, perm, dirs, lows, shift, b, rank, stride, qw, k, budget, out, gave_up):
-    """Exact top-k by (distance, rank) per query into ``out`` (int64 ``distance * stride + rank``, sorted); queries
-    that ran out of ``budget`` are flagged in ``gave_up``."""
+def _estimate(dirs, lows, shift, lmask, b, nbits, n, qsubs, k, limit_work):
+    """Predicted work (scan-code units) of probing one query, from the occupancy of its buckets at 0 and 1 flips.
+
+    Uniform codes put n / 2^b codes in a bucket; what the query's buckets hold beyond that (c0 in its own, c1 one
+    flip away, over all tables) are codes near it. When at least k are near, probing ends by level 1 (k near at
+    0 flips) or 2: its probes plus those candidates. Otherwise its k-th nearest code is in the background: at the
+    radius r where n·P(Binomial(bits, 1/2) ≤ r) reaches what is missing, i.e. probing to level ⌊r / m⌋, each level
+    f costing m·C(b, f) probes and their n / 2^b candidates each. Stops counting past ``limit_work``."""
+    m = dirs.shape[0]
+    c0, c1 = 0.0, 0.0
+    for j in range(m):
+        lo, hi = _bucket(dirs, lows, j, qsubs[j], shift, lmask)
+        c0 += hi - lo
+        for i in range(b):
+            lo, hi = _bucket(dirs, lows, j, qsubs[j] ^ (np.uint64(1) << np.uint64(i)), shift, lmask)
+            c1 += hi - lo
+    lam = n / 2.0 ** b
+    near0, near1 = max(c0 - m * lam, 0.0), max(c1 - m * b * lam, 0.0)
+    missing = k - near0 - near1
+    if missing <= 0:
+        levels = 1 if near0 >= k else 2
+    else:
+        r, term, cdf = 0, 0.5 ** nbits, 0.5 ** nbits
+        while n * cdf < missing and r < nbits:
+            term = term * (nbits - r) / (r + 1)
+            cdf += term
+            r += 1
+        levels = r // m
+    work, probes = CANDIDATE_COST * (c0 + c1), 1.0
+    for f in range(min(levels, b) + 1):
+        work += m * probes * (PROBE_COST + CANDIDATE_COST * lam)
+        if work > limit_work:
+            break
+        probes = probes * (b - f) / (f + 1)
+    return work
+
+
+@njit(nogil=True, cache=True)
+def _knn(words, perm, dirs, lows, shift, b, rank, stride, nbits, qw, k, scan_units, budget, out, scanned,
+         work_out):
+    """Exact top-k by (distance, rank) per query into ``out`` (int64 ``distance * stride + rank``, sorted). Queries
+    whose predicted probing work (:func:`_estimate`) exceeds ``scan_units`` (a scan's cost, same units) are not
+    probed, and queries that run out of ``budget`` stop: both are flagged in ``scanned`` for the caller to scan.
+    ``work_out``: the work each query did."""
     m = perm.shape[0]
     lmask = (np.uint64(1) << np.uint64(shift)) - np.uint64(1)
     limit = np.uint64(1) << np.uint64(b)
@@ -119,6 +172,10 @@ def _knn(words, perm, dirs, lows, shift, b, rank, stride, qw, k, budget, out, ga
     for t in range(qw.shape[0]):
         for j in range(m):
             qsubs[j] = _bits(qw, t, j * b, b)
+        if _estimate(dirs, lows, shift, lmask, b, nbits, words.shape[0], qsubs, k, scan_units) > scan_units:
+            scanned[t] = True
+            work_out[t] = 0
+            continue
         best = out[t]
         count, work, done, broke = 0, 0, False, False
         for f in range(b + 1):
@@ -153,7 +210,8 @@ def _knn(words, perm, dirs, lows, shift, b, rank, stride, qw, k, budget, out, ga
                     break
             if done or broke:
                 break
-        gave_up[t] = broke  # every level probed (k > reachable codes) is complete too
+        scanned[t] = broke  # every level probed (k > reachable codes) is complete too
+        work_out[t] = work
 
 
 @njit(nogil=True, cache=True)
@@ -232,7 +290,8 @@ class MultiIndex:
             raise ValueError(f"multi-index hashing: {self.m} tables of {self.b} bits; each table takes 1 to "
                              f"{MAX_TABLE_BITS} of the {bits} bits")
         self.n, self.stride, self.rank = n, int(stride), np.ascontiguousarray(rank, np.int64)
-        self.words = _words(codes)
+        self.bits, self.codes, self.words = bits, codes, _words(codes)
+        self.scan_units = float(n)  # a scan's cost per query in work units: n a priori, measured by calibrate()
         dbits = min(self.b, max(1, int(math.log2(max(n, 4))) - 2))  # directory slots: about n/4
         self.shift = self.b - dbits
         position = np.uint32 if n < 2 ** 32 else np.int64
@@ -257,20 +316,50 @@ class MultiIndex:
         return self.words, self.perm, self.dirs, self.lows, self.shift, self.b, self.rank
 
     def search(self, q: np.ndarray, k: int, threads: int = 1,
-               budget: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(candidates (nq, k) sorted, gave_up (nq,) bool): rows of queries that gave up are to be scanned; k <= n.
-        ``budget``: work per query, in scan-code units, before it gives up (default ``BUDGET`` scans)."""
+               scan_units: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(candidates (nq, k) sorted, scanned (nq,) bool): rows flagged ``scanned`` are left for the caller to
+        scan (predicted dearer than a scan, or over budget); k <= n. ``scan_units``: a scan's cost per query in
+        work units (default: :attr:`scan_units`, measured by :meth:`calibrate`); each query probes only when its
+        predicted work is below it, and stops at ``BUDGET`` of it."""
+        return self._search(q, k, threads, self.scan_units if scan_units is None else scan_units)[:2]
+
+    def _search(self, q: np.ndarray, k: int, threads: int, scan_units: float) -> tuple[np.ndarray, ...]:
         qw = _words(np.ascontiguousarray(q))
         out = np.full((len(q), k), np.iinfo(np.int64).max, np.int64)
-        gave_up = np.zeros(len(q), np.bool_)
-        budget = BUDGET * self.n if budget is None else budget
-        budget = int(min(budget, 2 ** 62))
+        scanned = np.zeros(len(q), np.bool_)
+        work = np.zeros(len(q), np.int64)
+        units = float(min(scan_units, 2.0 ** 62))
+        budget = int(min(BUDGET * units, 2 ** 62))
 
         def run(s: slice) -> None:
-            _knn(*self._tables(), self.stride, qw[s], k, budget, out[s], gave_up[s])
+            _knn(*self._tables(), self.stride, self.bits, qw[s], k, units, budget, out[s], scanned[s], work[s])
 
         self._map(run, _chunks(len(q), threads))
-        return out, gave_up
+        return out, scanned, work
+
+    def calibrate(self, scan: Callable[[np.ndarray], Any], threads: int = 1, k: int = 10) -> float:
+        """Measure once what a scan costs in probing-work units: the same sample of the codes (as queries) probed
+        (its work counted by the kernel) and scanned, best of two timings each. Sets and returns
+        :attr:`scan_units` (kept within 1/8 to 8 times the codes held; below ``CALIBRATE_MIN`` codes the timings
+        are noise and the a priori ``n`` stands)."""
+        if self.n < CALIBRATE_MIN:
+            return self.scan_units
+        sample = np.ascontiguousarray(self.codes[np.linspace(0, self.n - 1, CALIBRATE_QUERIES).astype(np.int64)])
+        k = min(k, self.n)
+        probe_s, scan_s = math.inf, math.inf
+        for _ in range(2):
+            t0 = time.perf_counter()
+            _, _, work = self._search(sample, k, threads, 2.0 * self.n)
+            probe_s = min(probe_s, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            scan(sample)
+            scan_s = min(scan_s, time.perf_counter() - t0)
+            if scan_s > 0.5:  # a big shard: one timing is long enough to hold
+                break
+        if work.sum() > 0 and probe_s > 0:
+            measured = (scan_s / len(sample)) / (probe_s / float(work.sum()))
+            self.scan_units = float(min(8 * self.n, max(self.n / 8, measured)))
+        return self.scan_units
 
     def probe_cost(self, radius: int) -> float:
         """Probes a radius search makes per query, in scan-code units (see :data:`PROBE_COST`)."""

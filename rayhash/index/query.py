@@ -6,7 +6,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from rayhash.index.codes import read_code_file
-from rayhash.index.search import SearchResult
+from rayhash.index.merge import SearchResult
 
 
 def codes_for_keys(manifest: dict[str, Any], keys: Sequence[str]) -> np.ndarray:

@@ -10,9 +10,10 @@ import numpy as np
 
 from rayhash.index.build import read_manifest
 from rayhash.index.codes import CodeTable
-from rayhash.index.search import RangeResult, SearchResult, Shard, ShardGroup, finish, merge_ranges, merge_topk, \
-    ranges_to_result
-from rayhash.index.types import make_faiss_index, mih_tables
+from rayhash.index.merge import RangeResult, SearchResult, finish, merge_ranges, merge_topk, ranges_to_result
+from rayhash.index.search import Shard, ShardGroup
+from rayhash.index.types import kind, make_faiss_index
+from rayhash.index.validate import integer
 from rayhash.runtime import get_logger
 
 log = get_logger("rayhash.index")
@@ -36,11 +37,10 @@ class ShardGroupActor:
 
 
 def _shard_bytes(entry: dict, manifest: dict) -> int:
-    """Rough resident size of a loaded shard: codes + unicode keys + labels, and for mih its tables (7 bytes a code
-    and table; as many tables as the shard alone would get, at least what the group it joins gets)."""
+    """Rough resident size of a loaded shard: codes + unicode keys + labels, and what its type adds (mih: its
+    tables, as many as the shard alone would get, at least what the group it joins gets)."""
     bits, n = manifest["bits"], entry["count"]
-    tables = mih_tables(bits, n)[0] if manifest["index_type"] == "mih" else 0
-    return n * (bits // 8 + 4 * 32 + 4 + 7 * tables)
+    return n * (bits // 8 + 4 * 32 + 4) + kind(manifest["index_type"]).table_bytes(bits, n)
 
 
 def plan_groups(entries: list[dict], manifest: dict, actors: int | None, actor_memory: int) -> list[list[dict]]:
@@ -124,7 +124,7 @@ class ShardedIndex:
             if actor_gpus is None:  # one GPU per group, or an equal share when there are more groups than GPUs
                 gpus = cluster_gpus()
                 share = min(1.0, math.floor(gpus / len(groups) * 1e4) / 1e4)  # Ray counts GPUs in 1e-4 units
-                actor_gpus = share if use_gpu and manifest["index_type"] == "flat" and cluster_has_gpus() else 0
+                actor_gpus = share if use_gpu and kind(manifest["index_type"]).gpu and cluster_has_gpus() else 0
             handles = _start_actors(path, manifest, groups, {**load_kwargs, "threads": threads},
                                     {"num_cpus": actor_cpus, "num_gpus": actor_gpus})
             log.info("index %s: %d shards on %d Ray actors", path, len(manifest["shards"]), len(handles))
@@ -186,11 +186,24 @@ class ShardedIndex:
         q_ref = ray.put(args[0])
         return ray.get([getattr(a, method).remote(q_ref, *args[1:]) for a in self._actors])
 
+    def _k(self, k: Any) -> int:
+        """k checked (an integer >= 1, Python or numpy) and capped at the index size: the result's columns."""
+        return min(integer(k, "k", 1, None, fix="pass the number of nearest codes wanted per query"),
+                   max(1, self.ntotal))
+
+    def _radius(self, radius: Any) -> int:
+        """radius checked (an integer >= 0, Python or numpy); past the code width every code is within it."""
+        return min(integer(radius, "radius", 0, None, fix="pass a Hamming distance in bits"), self.bits)
+
     def search(self, q_packed: Any, k: int = 10) -> SearchResult:
-        """The k nearest codes per query, exact, ties broken by key (independent of the sharding)."""
+        """The k nearest codes per query, exact, ties broken by key (independent of the sharding).
+
+        ``q_packed``: uint8 (nq, bits/8) packed codes, or one code (bits/8,). ``k``: an integer >= 1 (a Python or
+        numpy integer; bool, float and str are refused). The result has ``min(k, ntotal)`` columns; where fewer
+        codes than that are reachable (approximate types: hash, multihash, ivf) the missing slots have distance
+        -1, key None and label -1."""
         q = self._queries(q_packed)
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+        k = self._k(k)
         if self._group is not None:
             return finish(*self._group.search(q, k))
         return finish(*merge_topk(self._fan_out("search", q, k), k))
@@ -198,11 +211,11 @@ class ShardedIndex:
     def range_search(self, q_packed: Any, radius: int) -> RangeResult:
         """All codes within Hamming distance ``radius`` (inclusive) of each query, sorted by (distance, key).
 
-        Exact for flat, hash and multihash indices (hash lookups are widened to the radius); for ivf only the
+        ``radius``: an integer >= 0 (Python or numpy; one above the code width is the width: every code). Exact for
+        flat, mih, hash and multihash indices (hash lookups are widened to the radius); for ivf only the
         ``nprobe`` nearest lists are scanned."""
         q = self._queries(q_packed)
-        if radius < 0:
-            raise ValueError(f"radius must be >= 0, got {radius}")
+        radius = self._radius(radius)
         if self._group is not None:
             parts = self._group.range_search(q, radius)
         else:
@@ -224,11 +237,16 @@ class ShardedIndex:
         return self._encoder
 
     def encode(self, items: Sequence[Any]) -> np.ndarray:
-        """Packed codes of images (paths, PIL images or HWC uint8 arrays) with the index's checkpoint."""
+        """Packed codes (n, bits/8) of a list of images (paths or URIs, PIL images or HWC uint8 arrays) with the
+        index's checkpoint."""
+        if isinstance(items, (str, bytes, os.PathLike)):
+            raise ValueError(f"items = {type(items).__name__}: encode and search_images take a list of images "
+                             "(paths, PIL images or HWC uint8 arrays); wrap a single image in a list")
         return self._check_encoder().encode_images(list(items))[1]
 
     def search_images(self, items: Sequence[Any], k: int = 10) -> SearchResult:
-        """Encode images with the checkpoint, then :meth:`search`."""
+        """Encode images with the checkpoint, then :meth:`search` (``k`` checked before any image is encoded)."""
+        self._k(k)
         return self.search(self.encode(items), k)
 
     # ------------------------------------------------------------------ database contents

@@ -54,7 +54,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     from rayhash.config import load_config
 
     ckpt = checkpoint_dir(path)
-    meta = storage.read_json(ckpt.meta)
+    meta = ckpt.read_meta()  # typed: num_classes, label_names (rayhash.layout.CheckpointMeta)
     with tempfile.TemporaryDirectory(prefix="rayhash-ckpt-") as tmp:
         cfg_path = os.path.join(tmp, CheckpointDir.CONFIG)
         with open(cfg_path, "wb") as f:
@@ -62,11 +62,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         config = load_config(cfg_path)
     weights = storage.read_bytes(ckpt.model)
     state = torch.load(io.BytesIO(weights), map_location=map_location, weights_only=True)
-    model = HashNet.from_config(config.model.model_copy(update={"pretrained": None}), int(meta.get("num_classes", 0)))
+    model = HashNet.from_config(config.model.model_copy(update={"pretrained": None}), meta.num_classes)
     model.load_state_dict(state)
     model.eval()
     return LoadedModel(model=model, config=config, bits=config.model.bits, image_size=config.data.image_size,
-                       label_names=list(meta.get("label_names") or []), meta=meta, path=str(ckpt),
+                       label_names=list(meta.label_names or []), meta=meta, path=str(ckpt),
                        digest=hashlib.sha256(weights).hexdigest())
 
 
