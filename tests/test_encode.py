@@ -207,7 +207,7 @@ def test_index_append_refuses_codes_of_another_checkpoint(encoded, data_cifar_sm
 
 
 def test_encode_killed_midway_then_rerun_matches(encoded, data_cifar_small, index_tiny_checkpoint, tmp_path):
-    """A real `rayhash encode` driver (attached to the session's Ray) dies abruptly right after its first output."""
+    """A real encode driver process (attached to the session's Ray) dies abruptly right after its first output."""
     import subprocess
     import sys
 
@@ -216,11 +216,12 @@ def test_encode_killed_midway_then_rerun_matches(encoded, data_cifar_small, inde
     from rayhash.encode import encode_dataset
 
     out = tmp_path / "codes"
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "RAYHASH_PROGRESS": "0",
-           "RAYHASH_ENCODE_CRASH_AFTER": "1"}
-    proc = subprocess.run([sys.executable, "-m", "rayhash.cli", "encode", "--checkpoint", index_tiny_checkpoint,
-                           "--data", str(data_cifar_small / "train"), "--out", str(out), "--batch-size", "8",
-                           "--concurrency", "1"], env=env, capture_output=True, timeout=300)
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "RAYHASH_PROGRESS": "0"}
+    script = ("import sys; from rayhash import testing; from rayhash.encode import encode_dataset; "
+              "encode_dataset(sys.argv[1], sys.argv[2], sys.argv[3], batch_size=8, concurrency=1, "
+              "hooks=testing.hooks(crash_after_output=1))")
+    proc = subprocess.run([sys.executable, "-c", script, index_tiny_checkpoint, str(data_cifar_small / "train"),
+                           str(out)], env=env, capture_output=True, timeout=300)
     assert proc.returncode == 137, proc.stderr.decode()[-2000:]
     done = sorted(p.name for p in out.glob("codes-*.parquet"))
     assert done == ["codes-00000.parquet"]  # one finished output; the other three tars never written

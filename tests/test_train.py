@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from rayhash import testing
+
 
 def _traces(d: Path, prefix: str) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(d.glob(prefix + "*.json"))]
@@ -21,16 +23,15 @@ def _traces(d: Path, prefix: str) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_two_workers_on_cifar_loss_decreases_and_workers_see_different_data(
-        ray_local, data_cifar_small, train_tiny_config, tmp_path, monkeypatch):
+        ray_local, data_cifar_small, train_tiny_config, tmp_path):
     from rayhash.model import load_checkpoint
     from rayhash.train import train
 
     trace = tmp_path / "trace"
-    monkeypatch.setenv("RAYHASH_TRAIN_TRACE", str(trace))
     # 1000 images / global batch 20 = 50 steps per epoch, 5 epochs = 250 steps; validate + checkpoint at the end
     cfg = train_tiny_config(data_cifar_small, "train.epochs=5", "train.batch_size=20", "model.bits=32",
                             "validation.every=5", "train.checkpoint_every=5")
-    result = train(cfg, str(tmp_path / "run"))
+    result = train(cfg, str(tmp_path / "run"), hooks=testing.hooks(trace=trace))
     hist = result.metrics
     assert [h["epoch"] for h in hist] == list(range(5)) and hist[-1]["step"] == 250 and hist[0]["workers"] == 2
     first, last = hist[0], hist[-1]
@@ -59,11 +60,10 @@ def test_two_workers_on_cifar_loss_decreases_and_workers_see_different_data(
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_resume_continues_and_killed_worker_restarts_from_last_checkpoint(
-        ray_local, data_synthetic_small, train_tiny_config, tmp_path, monkeypatch):
+        ray_local, data_synthetic_small, train_tiny_config, tmp_path):
     from rayhash.train import train
 
     run, trace, marker = tmp_path / "run", tmp_path / "trace", tmp_path / "killed"
-    monkeypatch.setenv("RAYHASH_TRAIN_TRACE", str(trace))
     tiny = ("validation.subset=0",)
     first = train(train_tiny_config(data_synthetic_small, "train.epochs=1", *tiny), str(run))  # 480 // 40 = 12 steps
     assert [h["step"] for h in first.metrics] == [12]
@@ -79,10 +79,8 @@ def test_resume_continues_and_killed_worker_restarts_from_last_checkpoint(
     with pytest.raises(ValueError, match=r"model\.bits: checkpoint 16, now 32.*train into a new --out"):
         train(train_tiny_config(data_synthetic_small, "train.epochs=2", "model.bits=32", *tiny), str(run), resume=True)
     # resume to 2 epochs; worker rank 1 dies at step 17 (inside epoch 1, after the epoch-0 checkpoint)
-    monkeypatch.setenv("RAYHASH_FAULT_INJECT", f"rank=1,step=17,marker={marker}")
     second = train(train_tiny_config(data_synthetic_small, "train.epochs=2", "train.max_failures=1", *tiny),
-                   str(run),
-                   resume=True)
+                   str(run), resume=True, hooks=testing.hooks(trace=trace, fail_at=(1, 17, marker)))
     assert marker.exists()  # the worker really was killed
     restores = _traces(trace, "restore-rank0")
     assert len(restores) == 2  # once for --resume, once after the worker loss
@@ -100,6 +98,7 @@ CLUSTER_SCRIPT = textwrap.dedent("""
     import json, sys
     import ray
     from ray.cluster_utils import Cluster
+    from rayhash import testing
     from rayhash.config import load_config
     from rayhash.train import train
 
@@ -108,8 +107,8 @@ CLUSTER_SCRIPT = textwrap.dedent("""
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-        cfg = load_config(json.loads(sys.argv[1]), sys.argv[3:])
-        res = train(cfg, sys.argv[2])
+        cfg = load_config(json.loads(sys.argv[1]), sys.argv[4:])
+        res = train(cfg, sys.argv[2], hooks=testing.hooks(trace=sys.argv[3]))
         print("RESULT", json.dumps(res.metrics))
     finally:
         ray.shutdown()
@@ -123,10 +122,10 @@ def test_two_node_cluster_one_worker_per_node(data_synthetic_small, tmp_path):
     from fixtures_train import TRAIN_TINY
 
     trace = tmp_path / "trace"
-    env = {**os.environ, "RAYHASH_TRAIN_TRACE": str(trace), "RAY_TRAIN_V2_ENABLED": "1"}
+    env = {**os.environ, "RAY_TRAIN_V2_ENABLED": "1"}
     env.pop("RAY_ADDRESS", None)
     # 2 CPUs per worker on 3-CPU nodes: only one worker fits per node, the spare CPU feeds Ray Data
-    args = [sys.executable, "-c", CLUSTER_SCRIPT, json.dumps(TRAIN_TINY), str(tmp_path / "run"),
+    args = [sys.executable, "-c", CLUSTER_SCRIPT, json.dumps(TRAIN_TINY), str(tmp_path / "run"), str(trace),
             f"data.path={data_synthetic_small}", "train.epochs=1", "train.cpus_per_worker=2", "validation.subset=0"]
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=360)
     assert proc.returncode == 0, proc.stderr[-3000:]

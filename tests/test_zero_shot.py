@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rayhash import testing
+
 
 def _tar_labels(ds: Path, split: str) -> Counter:
     counts = Counter()
@@ -28,7 +30,7 @@ def test_dataset_json_label_counts_match_the_tars(data_synthetic_small):
 
 @pytest.mark.slow
 def test_training_on_seen_classes_only_then_eval_on_unseen(ray_local, data_synthetic_small, train_tiny_config,
-                                                           tmp_path, monkeypatch):
+                                                           tmp_path):
     from rayhash.data import load_dataset_info
     from rayhash.encode import encode_dataset
     from rayhash.eval import evaluate
@@ -37,10 +39,9 @@ def test_training_on_seen_classes_only_then_eval_on_unseen(ray_local, data_synth
 
     seen, unseen = list(range(12)), list(range(12, 16))
     trace = tmp_path / "trace"
-    monkeypatch.setenv("RAYHASH_TRAIN_TRACE", str(trace))
     cfg = train_tiny_config(data_synthetic_small, f"data.train_classes={seen}", "train.epochs=1",
                             "train.num_workers=1", "train.batch_size=40")
-    result = train(cfg, str(tmp_path / "run"))
+    result = train(cfg, str(tmp_path / "run"), hooks=testing.hooks(trace=trace))
     labels = [x for f in sorted(trace.glob("epoch0-rank*")) for x in json.loads(f.read_text())["labels"]]
     n_seen = load_dataset_info(data_synthetic_small).count("train", seen)
     assert n_seen == sum(_tar_labels(data_synthetic_small, "train")[c] for c in seen)

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from rayhash import storage
+from rayhash.hooks import NO_HOOKS, Hooks
 from rayhash.index.codes import write_codes
 from rayhash.layout import CodesDir
 from rayhash.runtime import get_logger
@@ -114,7 +115,7 @@ def _reusable(path: str, source_sha: str, bits: int, digest: str) -> int | None:
 
 def encode_dataset(checkpoint: str | os.PathLike, data: str | os.PathLike | Sequence[str], out: str | os.PathLike,
                    *, batch_size: int = 256, concurrency: int | None = None, num_gpus: float | None = None,
-                   address: str | None = None, verify: bool = True) -> dict[str, Any]:
+                   address: str | None = None, verify: bool = True, hooks: Hooks = NO_HOOKS) -> dict[str, Any]:
     """Encode a split's shards into ``OUT/codes-%05d.parquet`` (one per input tar) + ``OUT/codes.json``.
 
     Ray Data actor pool of ``concurrency`` encoders (default: one per GPU, else up to 4 CPU actors leaving a CPU
@@ -122,15 +123,17 @@ def encode_dataset(checkpoint: str | os.PathLike, data: str | os.PathLike | Sequ
     ``verify``: input tars that ``dataset.json`` describes are checked against its sha256 first (a changed tar is
     refused, naming it); without it, samples lost to a corrupt tar are counted as skipped.
     Returns the ``codes.json`` summary (bits, checkpoint, per-shard counts, skipped corrupt samples) plus
-    ``timing`` (seconds in all, seconds to the first encoded batch, rows encoded by this call).
+    ``timing`` (seconds in all, seconds to the first encoded batch, rows encoded by this call). ``hooks``:
+    instrumentation called after each written shard (tests: :mod:`rayhash.testing`).
     """
     codes = CodesDir(storage.absolute(out))
     with codes.lease("encode"):  # a second encode into the same folder is refused while this one runs
-        return _encode(storage.absolute(checkpoint), data, codes, batch_size, concurrency, num_gpus, address, verify)
+        return _encode(storage.absolute(checkpoint), data, codes, batch_size, concurrency, num_gpus, address, verify,
+                       hooks)
 
 
 def _encode(checkpoint: str, data, codes: CodesDir, batch_size: int, concurrency: int | None, num_gpus: float | None,
-            address: str | None, verify: bool) -> dict[str, Any]:
+            address: str | None, verify: bool, hooks: Hooks) -> dict[str, Any]:
     import time
 
     from rayhash.data import read_shards, shard_urls
@@ -177,7 +180,8 @@ def _encode(checkpoint: str, data, codes: CodesDir, batch_size: int, concurrency
                             num_cpus=0 if num_gpus else 1,
                             batch_format="numpy")
         ds.context.execution_options.preserve_order = True
-        writer = _ShardWriter([(i, urls[i], outputs[i], *records[i]) for i in todo], bits, checkpoint, loaded.digest)
+        writer = _ShardWriter([(i, urls[i], outputs[i], *records[i]) for i in todo], bits, checkpoint, loaded.digest,
+                              hooks)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             first = first or time.perf_counter() - t0
             encoded += len(batch["key"])
@@ -193,8 +197,9 @@ class _ShardWriter:
     """Cuts the ordered stream of encoded rows into input tars by each row's ``source`` tar and writes each tar's
     codes as soon as the stream has moved past it; expected count minus rows received = corrupt samples skipped."""
 
-    def __init__(self, plan: list[tuple[int, str, str, int, str]], bits: int, checkpoint: str, digest: str):
-        self.plan, self.bits, self.checkpoint, self.digest = plan, bits, checkpoint, digest
+    def __init__(self, plan: list[tuple[int, str, str, int, str]], bits: int, checkpoint: str, digest: str,
+                 hooks: Hooks):
+        self.plan, self.bits, self.checkpoint, self.digest, self.hooks = plan, bits, checkpoint, digest, hooks
         self.position = {url: j for j, (_, url, *_) in enumerate(plan)}
         self.cur, self.parts = 0, []
         self.written: dict[int, int] = {}
@@ -229,18 +234,12 @@ class _ShardWriter:
                                                 META_MODEL: self.digest, META_SKIPPED: skipped})
         self.written[no] = skipped
         self.cur, self.parts = self.cur + 1, []
-        _fault_injection(len(self.written))
+        self.hooks.encode_output(len(self.written))
 
     def finish(self) -> dict[int, int]:
         while self.cur < len(self.plan):
             self._flush()
         return self.written
-
-
-def _fault_injection(written: int) -> None:
-    """Tests: ``$RAYHASH_ENCODE_CRASH_AFTER=N`` kills this process (no clean-up) right after its N-th output."""
-    if os.environ.get("RAYHASH_ENCODE_CRASH_AFTER") == str(written):
-        os._exit(137)
 
 
 def _write_summary(out: str, outputs: list[str], urls: list[str], skipped: dict[int, int], bits: int,

@@ -1,14 +1,17 @@
 """The driver side of training: plan the run, launch a Ray Train TorchTrainer, export the final checkpoint."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, field
 
 from rayhash import storage
 from rayhash.config import RunConfig
+from rayhash.hooks import NO_HOOKS, Hooks
 from rayhash.layout import CheckpointDir, DatasetDir, RunDir
 from rayhash.runtime import get_logger, require_cpu_headroom
+from rayhash.train.plan import WorkerPlan
 
 log = get_logger("rayhash.train")
 RUN_NAME = "train"
@@ -49,13 +52,15 @@ def check_cpu_headroom(t, address: str | None = None) -> None:
                          "nodes", address)
 
 
-def train(config: RunConfig, out: str, *, resume: bool = False, address: str | None = None) -> TrainResult:
+def train(config: RunConfig, out: str, *, resume: bool = False, address: str | None = None,
+          hooks: Hooks = NO_HOOKS) -> TrainResult:
     """Train a hash network with Ray Train (DDP over ``train.num_workers`` workers) and export ``<out>/final``.
 
     ``resume=True`` continues the run in ``<out>`` from its latest checkpoint (Ray Train restores it);
     without it an existing run folder is refused. Worker failures restart from the last checkpoint up to
     ``train.max_failures`` times. The run folder's writer lease is held throughout: a second ``rayhash train``
-    into the same folder is refused while this one runs."""
+    into the same folder is refused while this one runs. ``hooks``: instrumentation the workers call (tests build
+    them with :mod:`rayhash.testing`)."""
     config.check_paths()
     out = storage.absolute(out)
     store = _storage(config, out)
@@ -71,10 +76,10 @@ def train(config: RunConfig, out: str, *, resume: bool = False, address: str | N
         return done
     run = RunDir(out)
     with run.lease("train"):
-        return _fit(config, run, store, address)
+        return _fit(config, run, store, address, hooks)
 
 
-def _fit(config: RunConfig, run: RunDir, store: str, address: str | None) -> TrainResult:
+def _fit(config: RunConfig, run: RunDir, store: str, address: str | None, hooks: Hooks) -> TrainResult:
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -112,25 +117,22 @@ def _fit(config: RunConfig, run: RunDir, store: str, address: str | None) -> Tra
                      classes=d.train_classes, num_classes=num_classes)
     ds = ds.select_columns(columns).limit(steps * config.train.batch_size)
     storage.makedirs(out)
-    loop_cfg = {
-        "config": config.model_dump(), "num_classes": num_classes, "steps_per_epoch": steps,
-        "embedding_dim": caption_embedding_dim(caption_embeddings) if d.targets == "captions" else 0,
-        "similarity": similarity, "val_source": val_source, "metrics_path": run.metrics,
-        "val_count": info.count(val_split) if val_split else 0,
-        "tensorboard_dir": run.file(run.TENSORBOARD) if config.train.tensorboard and not storage.is_remote(out)
-        else None,
-        "fault": os.environ.get("RAYHASH_FAULT_INJECT"),  # tests: rank=R,step=S,marker=FILE
-        "trace_dir": os.environ.get("RAYHASH_TRAIN_TRACE"),  # tests: per-worker labels seen, restores
-        "meta": {"bits": config.model.bits, "image_size": d.image_size, "num_classes": num_classes,
-                 "label_names": info.label_names, "dataset": info.name, "backbone": config.model.backbone,
-                 "targets": d.targets},
-    }
+    plan = WorkerPlan(
+        config=config, num_classes=num_classes, steps_per_epoch=steps, similarity=similarity,
+        embedding_dim=caption_embedding_dim(caption_embeddings) if d.targets == "captions" else 0,
+        val_source=val_source, val_count=info.count(val_split) if val_split else 0, metrics_path=run.metrics,
+        tensorboard_dir=(run.file(run.TENSORBOARD) if config.train.tensorboard and not storage.is_remote(out)
+                         else None),
+        meta={"bits": config.model.bits, "image_size": d.image_size, "num_classes": num_classes,
+              "label_names": info.label_names, "dataset": info.name, "backbone": config.model.backbone,
+              "targets": d.targets},
+        hooks=hooks)
     t = config.train
     log.info("training %s (%d bits) on %s: %d worker(s)%s, %d epochs x %d steps, global batch %d; storage %s",
              config.model.backbone, config.model.bits, d.path, t.num_workers, " on GPU" if use_gpu else " on CPU",
              t.epochs, steps, t.batch_size, store)
     trainer = TorchTrainer(
-        _entry, train_loop_config=loop_cfg, datasets={"train": ds},
+        functools.partial(_entry, plan), datasets={"train": ds},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=ray.train.RunConfig(
@@ -193,10 +195,10 @@ def _validation_split(d, info) -> str | None:
     return split
 
 
-def _entry(loop_cfg: dict) -> list[dict]:
+def _entry(plan: WorkerPlan) -> list[dict]:
     from rayhash.train.loop import train_loop_per_worker
 
-    return train_loop_per_worker(loop_cfg)
+    return train_loop_per_worker(plan)
 
 
 def export_final(checkpoint, out: str) -> str:

@@ -7,16 +7,16 @@ import pickle
 import random
 import tempfile
 import time
-from typing import Any
 
 import numpy as np
 import torch
 
 from rayhash import storage
 from rayhash.config import RunConfig
+from rayhash.layout import CheckpointDir
 from rayhash.model import HashNet, save_model_files
-from rayhash.model.checkpoint import STATE_FILE
 from rayhash.runtime import bf16_supported, get_logger
+from rayhash.train.plan import WorkerPlan
 
 log = get_logger("rayhash.train")
 
@@ -81,18 +81,6 @@ def code_stats(z: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"bit_balance": b.mean(0).abs().mean(), "quant_error": (z - b).abs().mean()}
 
 
-def _maybe_fail(fault: str | None, rank: int, step: int) -> None:
-    """Fault injection for tests: ``rank=R,step=S,marker=FILE`` exits worker R at global step S, once."""
-    if not fault:
-        return
-    spec = dict(kv.split("=", 1) for kv in fault.split(","))
-    marker = spec["marker"]
-    if int(spec["rank"]) == rank and int(spec["step"]) == step and not os.path.exists(marker):
-        open(marker, "w").close()
-        log.warning("fault injection: worker rank %d exits at step %d", rank, step)
-        os._exit(1)
-
-
 def _seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -104,14 +92,15 @@ def save_train_state(directory: str, model, opt, sched, config: RunConfig, meta:
     save_model_files(directory, model, config, meta)
     # tensors and plain values only, so that resuming loads it with weights_only=True (no code runs on load)
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), **state},
-               os.path.join(directory, STATE_FILE))
+               os.path.join(directory, CheckpointDir.STATE))
 
 
 def load_train_state(directory: str, model, opt, sched) -> dict:
     """Restore model/optimizer/scheduler from a checkpoint folder; returns the rest (epoch, step, history...)."""
     target = getattr(model, "module", model)
-    target.load_state_dict(torch.load(os.path.join(directory, "model.pt"), map_location="cpu", weights_only=True))
-    path = os.path.join(directory, STATE_FILE)
+    target.load_state_dict(torch.load(os.path.join(directory, CheckpointDir.MODEL), map_location="cpu",
+                                      weights_only=True))
+    path = os.path.join(directory, CheckpointDir.STATE)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -123,22 +112,23 @@ def load_train_state(directory: str, model, opt, sched) -> dict:
     return state
 
 
-def _val_arrays(loop_cfg: dict, config: RunConfig) -> dict[str, np.ndarray] | None:
+def _val_arrays(plan: WorkerPlan) -> dict[str, np.ndarray] | None:
     """The held-out validation subset (images, labels) as numpy, read once by rank 0."""
     from ray.data import DataContext
 
     from rayhash.data import read_shards
 
     DataContext.get_current().enable_progress_bars = False  # inside a worker: keep the logs readable
+    config = plan.config
     n = config.validation.subset
-    if not loop_cfg.get("val_source") or n == 0:
+    if not plan.val_source or n == 0:
         return None
-    total = int(loop_cfg.get("val_count") or 0)
+    total = plan.val_count
     # about n images spread over the whole split, chosen by key hash before decoding: the first n rows of
     # class-ordered shards (ImageNet folders) would hold a few classes and overstate mAHP
     sample = n / total if n and total and n < total else None
-    ds = read_shards(loop_cfg["val_source"], mode="eval", image_size=config.data.image_size,
-                     num_classes=loop_cfg["num_classes"], sample=sample)
+    ds = read_shards(plan.val_source, mode="eval", image_size=config.data.image_size,
+                     num_classes=plan.num_classes, sample=sample)
     ds = ds.limit(n) if n and not total else ds
     images, labels = [], []
     for b in ds.select_columns(["image", "label"]).iter_batches(batch_size=256, batch_format="numpy"):
@@ -178,25 +168,24 @@ def _reduce_mean(sums: dict[str, float], count: int, device) -> dict[str, float]
     return {k: float(v) / max(1.0, float(t[-1])) for k, v in zip(keys, t[:-1].tolist())}
 
 
-def train_loop_per_worker(loop_cfg: dict[str, Any]) -> list[dict]:
-    """Ray Train entry point (each worker). ``loop_cfg``: config (dict), num_classes, steps_per_epoch,
-    similarity, val_source, metrics_path, meta, fault, tensorboard_dir."""
+def train_loop_per_worker(plan: WorkerPlan) -> list[dict]:
+    """Ray Train entry point (each worker), with the driver's :class:`~rayhash.train.plan.WorkerPlan`."""
     import ray
     import ray.train
     import ray.train.torch
 
-    config = RunConfig.model_validate(loop_cfg["config"])
+    config, hooks = plan.config, plan.hooks
     t = config.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    steps_per_epoch = int(loop_cfg["steps_per_epoch"])
+    steps_per_epoch = plan.steps_per_epoch
     local_bs = t.batch_size // world
-    similarity = loop_cfg.get("similarity")
+    similarity = plan.similarity
     if device.type == "cpu":
         torch.set_num_threads(t.threads or max(1, int(t.cpus_per_worker)))
     _seed(t.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
-    model, opt, sched, loss_fn = build_training(config, loop_cfg["num_classes"], steps_per_epoch, similarity)
+    model, opt, sched, loss_fn = build_training(config, plan.num_classes, steps_per_epoch, similarity)
     loss_fn.to(device)
     model = ray.train.torch.prepare_model(model)
     autocast = t.mixed_precision and bf16_supported(device)
@@ -212,11 +201,10 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> list[dict]:
         start_epoch, step, history = state["epoch"] + 1, state["step"], state.get("history", [])
         if rank == 0:
             log.info("resumed from checkpoint after epoch %d (step %d)", state["epoch"], step)
-        _trace(loop_cfg, f"restore-rank{rank}-{time.time_ns()}", {"epoch": state["epoch"], "step": step,
-               **_state_fingerprint(model, opt)})
+        hooks.train_restored(rank, state["epoch"], step, _state_fingerprint(model, opt))
 
-    val = _val_arrays(loop_cfg, config) if rank == 0 and similarity is not None else None
-    writer = _tensorboard(loop_cfg.get("tensorboard_dir")) if rank == 0 else None
+    val = _val_arrays(plan) if rank == 0 and similarity is not None else None
+    writer = _tensorboard(plan.tensorboard_dir) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
     gen = torch.Generator(device=device)
     for epoch in range(start_epoch, t.epochs):
@@ -227,12 +215,11 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> list[dict]:
                                            local_shuffle_buffer_size=config.data.shuffle_buffer or None,
                                            local_shuffle_seed=t.seed + 1000 * epoch + rank)
         sums, n_steps, seen = _run_epoch(batches, steps_per_epoch, step, (model, opt, sched, loss_fn), config,
-                                         loop_cfg, rank, gen, autocast)
+                                         plan, rank, gen, autocast)
         step += n_steps
         metrics = {"epoch": epoch, "step": step, "lr": sched.get_last_lr()[0], **_reduce_mean(sums, n_steps, device),
                    "steps_per_s": n_steps / max(1e-9, time.perf_counter() - t0), "workers": world}
-        _trace(loop_cfg, f"epoch{epoch}-rank{rank}", {"labels": seen,
-                                                      "node": ray.get_runtime_context().get_node_id()})
+        hooks.train_epoch(rank, epoch, seen, ray.get_runtime_context().get_node_id())
         last = epoch == t.epochs - 1
         if val is not None and (last or (epoch + 1) % config.validation.every == 0):
             metrics.update(validate(getattr(model, "module", model), val, similarity, config.validation.k, device))
@@ -240,7 +227,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> list[dict]:
         if rank == 0:
             log.info("epoch %d/%d: %s", epoch + 1, t.epochs,
                      " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
-            _write_history(loop_cfg.get("metrics_path"), history)
+            _write_history(plan.metrics_path, history)
             if writer:
                 for k, v in metrics.items():
                     writer.add_scalar(k, v, epoch)
@@ -248,7 +235,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> list[dict]:
         with tempfile.TemporaryDirectory(prefix="rayhash-ckpt-") as tmp:
             checkpoint = None
             if save and rank == 0:
-                meta = {**loop_cfg.get("meta", {}), "epoch": epoch, "step": step}
+                meta = {**plan.meta, "epoch": epoch, "step": step}
                 save_train_state(tmp, model, opt, sched, config, meta,
                                  {"epoch": epoch, "step": step, "history": history})
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
@@ -258,7 +245,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> list[dict]:
     return history
 
 
-def _run_epoch(batches, max_steps: int, step: int, training, config: RunConfig, loop_cfg: dict, rank: int,
+def _run_epoch(batches, max_steps: int, step: int, training, config: RunConfig, plan: WorkerPlan, rank: int,
                gen: torch.Generator, autocast: bool) -> tuple[dict[str, float], int, list[int]]:
     """One pass over this worker's shard: (per-step sums of loss terms and code stats, steps, labels seen).
 
@@ -280,9 +267,9 @@ def _run_epoch(batches, max_steps: int, step: int, training, config: RunConfig, 
             if i == n:
                 log.warning("worker %d: its shard ended after %d of %d steps (samples skipped?); it joins the "
                             "remaining steps without gradient", rank, n, max_steps)
-            batch = last if last is not None else _blank_batch(config, model, loop_cfg.get("embedding_dim", 0))
+            batch = last if last is not None else _blank_batch(config, model, plan.embedding_dim)
         last = batch
-        _maybe_fail(loop_cfg.get("fault"), rank, step + i)
+        plan.hooks.train_step(rank, step + i)
         gen.manual_seed(config.train.seed * 1_000_003 + step + i)  # same KL target sample on every rank
         beta = scheduled_beta(config, step + i, max_steps * config.train.epochs)
         total, terms, z = loss_step(model, loss_fn, batch, config, gen, autocast, beta)
@@ -292,7 +279,7 @@ def _run_epoch(batches, max_steps: int, step: int, training, config: RunConfig, 
         sched.step()
         if real:
             n += 1
-            if loop_cfg.get("trace_dir"):
+            if plan.hooks.wants_labels:
                 seen.extend(batch["label"].tolist())
             for key, v in {**terms, "beta": torch.tensor(beta), **code_stats(z.detach())}.items():
                 sums[key] = sums[key] + v if key in sums else v
@@ -328,12 +315,6 @@ def _state_fingerprint(model, opt) -> dict[str, float]:
     params = sum(float(p.detach().double().sum()) for p in model.parameters())
     moments = sum(float(v.double().sum()) for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
     return {"params": params, "optimizer": moments}
-
-
-def _trace(loop_cfg: dict, name: str, obj: dict) -> None:
-    """Test instrumentation: with $RAYHASH_TRAIN_TRACE=DIR at launch, workers write what they saw there."""
-    if loop_cfg.get("trace_dir"):
-        storage.write_json(storage.join(loop_cfg["trace_dir"], name + ".json"), obj)
 
 
 def _tensorboard(logdir: str | None):
