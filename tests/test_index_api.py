@@ -145,3 +145,11 @@ def test_checkpoint_meta_of_the_wrong_type_is_refused_naming_the_field(tmp_path)
     (tmp_path / "meta.json").write_text(json.dumps({"num_classes": 10, "epoch": 3}))
     meta = ckpt.read_meta()
     assert meta.num_classes == 10 and meta["epoch"] == 3 and meta.label_names is None
+
+
+def test_padded_adds_missing_hit_slots(small_indices):
+    paths, _, codes = small_indices
+    with ShardedIndex.open(paths["flat"]) as index:
+        res = index.search(codes[:2], 700).padded(705)
+    assert res.distances.shape == (2, 705) and (res.distances[:, 600:] == -1).all()
+    assert all(k is None for k in res.keys[:, 600:].ravel()) and (res.labels[:, 600:] == -1).all()

@@ -118,7 +118,7 @@ def _query_codes(checkpoint, queries, out, max_queries, classes, seed):
 def rank(idx, q, k: int, complete_ties: bool = False) -> Ranking:
     """Top-k per query from the index without the query itself; with ``complete_ties`` the lists also hold the
     whole tie group at the k-th distance (needed for the exact expectation over tie orders)."""
-    res = idx.search(q.codes, k + 1)
+    res = idx.search(q.codes, k + 1).padded(k + 1)  # k past the index size: missing hits
     top = Ranking(*_drop_self(res.labels, res.distances, res.keys, q.keys, k))
     return _complete_ties(idx, q, top, k) if complete_ties else top
 

@@ -24,6 +24,18 @@ class SearchResult:
     keys: np.ndarray
     labels: np.ndarray
 
+    def padded(self, k: int) -> "SearchResult":
+        """The result with k columns: a search returns ``min(k, ntotal)``; the added slots are missing hits
+        (distance -1, key None, label -1)."""
+        extra = k - self.distances.shape[1]
+        if extra <= 0:
+            return self
+        pad = ((0, 0), (0, extra))
+        keys = np.full((len(self.keys), k), None, object)
+        keys[:, :self.keys.shape[1]] = self.keys
+        return SearchResult(np.pad(self.distances, pad, constant_values=-1), keys,
+                            np.pad(self.labels, pad, constant_values=-1))
+
 
 @dataclass
 class RangeResult:
