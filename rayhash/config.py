@@ -133,6 +133,10 @@ class RunConfig(_Section):
         if self.loss.kl_estimator == "blockwise" and self.model.bits % self.loss.kl_block:
             raise ValueError(f"loss.kl_block={self.loss.kl_block} must divide model.bits={self.model.bits} "
                              "(blocks of 4 or 8 bits fit every code length)")
+        if self.train.warmup_epochs > self.train.epochs:
+            raise ValueError(f"train.warmup_epochs={self.train.warmup_epochs:g} exceeds train.epochs="
+                             f"{self.train.epochs}: the learning rate would never finish warming up; lower "
+                             "train.warmup_epochs or raise train.epochs")
         return self
 
     def to_yaml(self) -> str:

@@ -77,3 +77,16 @@ def test_missing_data_path_fails_fast_naming_key(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match=r"data\.path"):
         args.func(args)
     assert not (tmp_path / "run").exists()
+
+
+def test_settings_wrong_together_are_refused_naming_both_keys():
+    """A warm-up longer than training (the learning rate would never reach its peak) and a KL block that does not
+    divide the code length are refused with both keys named; the boundary cases pass."""
+    from rayhash.config import load_config
+
+    with pytest.raises(ValueError, match=r"train\.warmup_epochs=3 exceeds train\.epochs=1"):
+        load_config(None, ["train.warmup_epochs=3", "train.epochs=1"])
+    assert load_config(None, ["train.warmup_epochs=2", "train.epochs=2"]).train.epochs == 2
+    with pytest.raises(ValueError, match=r"loss\.kl_block=3 must divide model\.bits=32"):
+        load_config(None, ["loss.kl_estimator=blockwise", "loss.kl_block=3", "model.bits=32"])
+    assert load_config(None, ["loss.kl_estimator=sampled", "loss.kl_block=3"]).loss.kl_block == 3
