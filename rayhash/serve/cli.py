@@ -65,10 +65,12 @@ def _serve(args: argparse.Namespace) -> int:
     from rayhash.serve import service_token, start_service
 
     token = service_token(args.token_file)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `rayhash stop JOB`: take the application down too
     service = start_service(args.index, host=args.host, port=args.port, replicas=args.replicas, data=args.data,
                             token=token, replica_gpus=args.replica_gpus, max_pixels=args.max_pixels,
                             address=args.address)
+    # SIGTERM (`rayhash stop JOB`, kill) takes the application down too; set after ray.init, whose own handler
+    # would otherwise end the process before the clean-up runs
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print(f"serving {args.index} at {service.url}{' (token required)' if token else ''}; Ctrl-C stops",
           flush=True)
     try:

@@ -46,6 +46,7 @@ class ImageEncoder:
     @serve.batch(max_batch_size=ENCODE_BATCH, batch_wait_timeout_s=ENCODE_WAIT_S)
     async def __call__(self, images: list[np.ndarray]) -> list[np.ndarray]:
         codes = await asyncio.to_thread(self.index.encode, images)
+        log.debug("encoded a batch of %d image(s)", len(images))
         return list(codes)
 
 
@@ -216,12 +217,13 @@ def _timing(**seconds: float) -> dict[str, str]:
 def build_app(index, items_ref, *, replicas: int = 1, token: str | None = None, replica_gpus: float = 0.0,
               max_pixels: int = api.MAX_PIXELS):
     """The bound application over an opened ``ray``-mode index and its :class:`ItemTable` in the object store
-    (``items_ref``); ``replicas`` of each deployment, the encoder's with ``replica_gpus`` GPUs each."""
+    (``items_ref``); ``replicas`` of each deployment: API replicas reserve no CPU (routing, JSON, decoding), encoder
+    replicas one CPU (and ``replica_gpus`` GPUs) each."""
     encoder = None
     if index.checkpoint:
         encoder = ImageEncoder.options(num_replicas=replicas, ray_actor_options={
             "num_cpus": 1, "num_gpus": replica_gpus}).bind(index)
-    return Api.options(num_replicas=replicas, ray_actor_options={"num_cpus": 0.5}).bind(
+    return Api.options(num_replicas=replicas, ray_actor_options={"num_cpus": 0}).bind(
         index, [items_ref], encoder, token_digest(token), max_pixels)
 
 
@@ -277,6 +279,7 @@ def start_service(index: str, *, host: str = DEFAULT_HOST, port: int = DEFAULT_P
     every replica is up. ``token``: required of every API request as ``Authorization: Bearer``."""
     idx, items_ref = _open(index, data, address)
     try:
+        _check_room(replicas if idx.checkpoint else 0, replica_gpus, address)
         serve.start(http_options={"host": host, "port": port})
         _check_http(host, port)
         serve.run(build_app(idx, items_ref, replicas=replicas, token=token, replica_gpus=replica_gpus,
@@ -300,6 +303,28 @@ def app(args: dict[str, str]):
                          f"[token_file=F]; got {sorted(args)}")
     idx, items_ref = _open(args["index"], args.get("data"))
     return build_app(idx, items_ref, replicas=int(args.get("replicas", 1)), token=service_token(args.get("token_file")))
+
+
+def _check_room(encoders: int, gpus: float, address: str | None) -> None:
+    """Encoder replicas that cannot be placed would leave the deployment waiting forever: an error on a local
+    instance, a warning on a cluster (an autoscaler may add nodes)."""
+    import os
+
+    import ray
+
+    need = {"CPU": float(encoders), "GPU": encoders * gpus}
+    for _ in range(20):  # the resource view lags a moment behind tasks that just finished (the tar scans)
+        free = ray.available_resources()
+        short = {r: (n, free.get(r, 0.0)) for r, n in need.items() if n > free.get(r, 0.0) + 1e-9}
+        if not short:
+            return
+        time.sleep(0.5)
+    msg = (f"{encoders} image-encoder replica(s) need " + ", ".join(f"{n:g} {r}" for r, (n, _) in short.items())
+           + " but this Ray cluster has " + ", ".join(f"{f:g} {r}" for r, (_, f) in short.items())
+           + " free (the index's shard actors hold one CPU each); pass fewer --replicas or --replica-gpus")
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        raise ValueError(msg)
+    log.warning("%s; deploying in case the cluster autoscales", msg)
 
 
 def _check_http(host: str, port: int) -> None:
