@@ -25,7 +25,7 @@ import uuid
 from contextlib import contextmanager
 from typing import Iterator
 
-from rayhash import storage
+from rayhash import settings, storage
 from rayhash.runtime import get_logger
 
 log = get_logger("lease")
@@ -39,7 +39,7 @@ class FolderBusy(RuntimeError):
 
 
 def _ttl() -> float:
-    return float(os.environ.get("RAYHASH_LEASE_TTL", "120"))
+    return settings.LEASE_TTL.number()
 
 
 def _job_id() -> str | None:

@@ -45,7 +45,7 @@ def test_jobs_scripts_run_their_stage_cli(script, usage, monkeypatch, capsys):
 
 
 def test_job_env_forwards_rayhash_vars_but_not_secrets(monkeypatch):
-    monkeypatch.setenv("RAYHASH_STORAGE", "s3://bucket/x")
+    monkeypatch.setenv("RAYHASH_LOG_LEVEL", "DEBUG")
     monkeypatch.setenv("RAYHASH_TOKEN", "secret")
     monkeypatch.setenv("RAYHASH_ADDRESS", "http://h:8265")
     monkeypatch.setenv("NLTK_DATA", "/nltk")
@@ -53,7 +53,7 @@ def test_job_env_forwards_rayhash_vars_but_not_secrets(monkeypatch):
     monkeypatch.setenv("RAYHASH_LOCAL_TOKEN", "local-cluster-secret")  # cluster/local.sh's token: never forwarded
     monkeypatch.setenv("RAYHASH_SOMETHING_NEW", "x")  # an allow-list: unknown RAYHASH_* variables stay here too
     env = S.job_env(["A=1", "B=x=y"])
-    assert env["RAYHASH_STORAGE"] == "s3://bucket/x" and env["NLTK_DATA"] == "/nltk"
+    assert env["RAYHASH_LOG_LEVEL"] == "DEBUG" and env["NLTK_DATA"] == "/nltk"
     assert env["A"] == "1" and env["B"] == "x=y"
     assert not {"RAYHASH_TOKEN", "RAYHASH_ADDRESS", "UNRELATED", "RAYHASH_LOCAL_TOKEN", "RAYHASH_SOMETHING_NEW"} & set(env)
     assert set(env) - {"A", "B"} <= set(S.PASSTHROUGH_ENV)

@@ -6,24 +6,22 @@ reused workers); ``eval_transform`` / ``train_transform`` wrap them for single i
 from __future__ import annotations
 
 import io
-import os
 import warnings
 from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from rayhash import settings
+
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "gif", "tif", "tiff")
 
 
-MAX_PIXELS_ENV = "RAYHASH_MAX_IMAGE_PIXELS"
-MAX_PIXELS = 64_000_000  # larger images are refused before decoding (decompression bombs); env overrides
-
-
 def max_pixels() -> int:
-    return int(os.environ.get(MAX_PIXELS_ENV, MAX_PIXELS))
+    """Larger images are refused before decoding (decompression bombs): ``$RAYHASH_MAX_IMAGE_PIXELS``."""
+    return int(settings.MAX_IMAGE_PIXELS.number())
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -41,7 +39,7 @@ def decode_image(data: bytes) -> Image.Image:
         w, h = img.size
         if w * h > max_pixels():
             raise ValueError(f"image of {w}x{h} = {w * h / 1e6:.0f} megapixels is over the limit of "
-                             f"{max_pixels() / 1e6:.0f} (raise ${MAX_PIXELS_ENV} to accept it)")
+                             f"{max_pixels() / 1e6:.0f} (raise ${settings.MAX_IMAGE_PIXELS.name} to accept it)")
         img.load()
         img = ImageOps.exif_transpose(img)
     except ValueError:

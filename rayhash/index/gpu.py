@@ -2,11 +2,11 @@
 compute capability), the shared GPU resources, and the lock that keeps FAISS GPU searches one at a time."""
 from __future__ import annotations
 
-import os
 import threading
 
 import numpy as np
 
+from rayhash import settings
 from rayhash.runtime import get_logger, ray_gave_no_gpu
 
 log = get_logger("rayhash.index")
@@ -52,7 +52,7 @@ def faiss_gpu_usable() -> bool:
     if cc is None:  # cannot tell which GPU this is
         return False
     wheel = faiss_gpu_wheel()
-    if wheel and os.environ.get("RAYHASH_FAISS_GPU") != "force":
+    if wheel and settings.FAISS_GPU.get() != "force":
         name, low, high = wheel
         if cc < low or (high is not None and cc > high):
             top = f"{high[0]}.{high[1]}" if high else "newer"

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from rayhash import settings
 from rayhash.index.build import read_manifest
 from rayhash.index.codes import CodeTable
 from rayhash.index.merge import RangeResult, SearchResult, finish, merge_ranges, merge_topk, ranges_to_result
@@ -63,7 +64,7 @@ def _start_actors(path: str, manifest: dict, groups: list[list[dict]], load_kwar
         handle = ray.remote(ShardGroupActor).options(memory=mem, scheduling_strategy="SPREAD", **resources).remote()
         handles.append(handle)
         loads.append(handle.load.remote(path, entries, manifest, load_kwargs))
-    wait_s = float(os.environ.get("RAYHASH_ACTOR_START_TIMEOUT", "900"))
+    wait_s = settings.ACTOR_START_TIMEOUT.number()
     try:
         ray.get(loads, timeout=wait_s)
     except ray.exceptions.GetTimeoutError:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import warnings
 
+from rayhash import settings
+
 WORDNET_HELP = (
     "WordNet for nltk was not found (searched NLTK_DATA and nltk's default paths). Install it with "
     "`rayhash data wordnet` (downloads with nltk; honours $NLTK_DATA), or offline: copy a `wordnet` folder "
@@ -36,7 +38,7 @@ def install_wordnet(target_dir: str | os.PathLike | None = None) -> str:
     nltk's default folder) and return that folder. Already-present data is not downloaded again."""
     import nltk
 
-    env = os.environ.get("NLTK_DATA", "").split(os.pathsep)[0]
+    env = (settings.NLTK_DATA.get() or "").split(os.pathsep)[0]
     target = str(target_dir or env or nltk.downloader.Downloader().default_download_dir())
     os.makedirs(target, exist_ok=True)
     if _has_wordnet(target):
@@ -91,6 +93,6 @@ def wnid_of(synset) -> str:
 
 def _add_env_paths(nltk) -> None:
     """Honour a NLTK_DATA set after nltk was imported."""
-    for p in reversed(os.environ.get("NLTK_DATA", "").split(os.pathsep)):
+    for p in reversed((settings.NLTK_DATA.get() or "").split(os.pathsep)):
         if p and p not in nltk.data.path:
             nltk.data.path.insert(0, p)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence, TextIO
 
+from rayhash import settings
+
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
@@ -42,9 +44,7 @@ WORKING_DIR_EXCLUDES = ["/.venv", "/venv", "/runs", "/data", "/.git", "/.pytest_
                         "/build", "/dist", "**/__pycache__", "*.pyc"]
 # Forwarded from the submitter's environment to the job, when set: an allow-list, so no other variable of the
 # submitter's shell (a cluster token, cloud keys) ever reaches the job's runtime_env, which the Jobs API shows.
-PASSTHROUGH_ENV = ("RAYHASH_STORAGE", "RAYHASH_PROGRESS", "RAYHASH_LOG_LEVEL", "RAYHASH_DEBUG", "RAYHASH_LEASE_TTL",
-                   "RAYHASH_MAX_IMAGE_PIXELS", "NLTK_DATA", "HF_HUB_OFFLINE", "HF_HOME", "TOKENIZERS_PARALLELISM",
-                   "RAY_TRAIN_V2_ENABLED")
+PASSTHROUGH_ENV = settings.forwarded()  # rayhash.settings marks which variables are forwarded
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -74,7 +74,7 @@ class JobResult:
 
 def resolve_address(address: str | None = None) -> str:
     """The Jobs API URL: ``address``, else ``$RAYHASH_ADDRESS``, else ``$RAY_ADDRESS`` (``http://`` added)."""
-    address = address or os.environ.get("RAYHASH_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    address = address or settings.ADDRESS.get() or settings.RAY_ADDRESS.get()
     if not address:
         raise ValueError("no cluster address: pass --address http://HEAD:8265 (the dashboard / Jobs API port, "
                          "reached through an SSH tunnel or port-forward) or set $RAYHASH_ADDRESS")
@@ -86,9 +86,8 @@ def resolve_address(address: str | None = None) -> str:
 
 def resolve_token(token: str | None = None, token_file: str | os.PathLike | None = None) -> str | None:
     """The auth token from the argument, a file, ``$RAYHASH_TOKEN``/``$RAY_AUTH_TOKEN`` or ``$RAY_AUTH_TOKEN_PATH``."""
-    token = token or os.environ.get("RAYHASH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN")
-    token_file = token_file or (None if token else (os.environ.get("RAYHASH_TOKEN_FILE")
-                                                    or os.environ.get("RAY_AUTH_TOKEN_PATH")))
+    token = token or settings.TOKEN.get() or settings.RAY_TOKEN.get()
+    token_file = token_file or (None if token else (settings.TOKEN_FILE.get() or settings.RAY_TOKEN_FILE.get()))
     if not token and token_file:
         token = read_token_file(str(token_file))
     return token.strip() if token else None
@@ -164,7 +163,7 @@ def job_env(extra: Mapping[str, str] | Sequence[str] = (), forward: bool = True)
     """Environment for the job: the variables of :data:`PASSTHROUGH_ENV` set here, then ``extra`` (KEY=VAL)."""
     env = {}
     if forward:
-        env = {k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ}
+        env = {s.name: s.get() for s in settings.ALL if s.forwarded and s.is_set()}
     items = extra.items() if isinstance(extra, Mapping) else (_split_env(s) for s in extra)
     env.update({k: str(v) for k, v in items})
     return env

@@ -36,10 +36,11 @@ def register(subparsers) -> None:
                               epilog=SUBMIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _connection_args(p)
     p.add_argument("--env", action="append", default=[], metavar="KEY=VAL",
-                   help="environment variable for the job (repeatable); an allow-list (RAYHASH_STORAGE, "
-                        "RAYHASH_PROGRESS, NLTK_DATA, HF_HOME, ...) is forwarded from here unless --no-forward-env")
+                   help="environment variable for the job (repeatable); the variables rayhash.settings marks "
+                        "forwarded (RAYHASH_LOG_LEVEL, NLTK_DATA, HF_HOME, ...; README table) go from here "
+                        "unless --no-forward-env")
     p.add_argument("--no-forward-env", action="store_true",
-                   help="forward none of this shell's variables (RAYHASH_STORAGE, NLTK_DATA, ...) to the job")
+                   help="forward none of this shell's variables (RAYHASH_LOG_LEVEL, NLTK_DATA, ...) to the job")
     p.add_argument("--pip", action="append", default=[], metavar="PACKAGE",
                    help="extra pip package installed for this job only (Ray runtime_env pip; repeatable)")
     p.add_argument("--working-dir", default=None, help="directory uploaded as the job's working dir "
