@@ -23,35 +23,94 @@ def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(name if name.startswith("rayhash") else f"rayhash.{name}")
 
 
-def init_ray(address: str | None = None, **kwargs) -> None:
-    """Connect to Ray once: ``address`` / ``$RAY_ADDRESS`` when given (a cluster), else a local instance.
+def ray_address(address: str | None = None) -> str | None:
+    """The Ray cluster a command runs on: ``address`` (``--address``), else ``$RAYHASH_ADDRESS``, else
+    ``$RAY_ADDRESS`` (which Ray sets inside ``ray job submit``); None: a private local instance.
 
-    Inside a Ray job (``ray job submit``) this attaches to the job's cluster automatically.
-    """
+    An ``http(s)://`` Jobs API URL in ``$RAYHASH_ADDRESS`` is the address of ``rayhash submit`` and is skipped here;
+    as ``--address`` it is refused, naming what to pass instead."""
+    if address and address.startswith(("http://", "https://")):
+        raise ValueError(f"--address {address}: a Jobs API URL is for `rayhash submit`; a command run here takes a "
+                         "Ray cluster address (HOST:6379, ray://HOST:10001 or auto), or none for a private local "
+                         "Ray instance")
+    env = os.environ.get("RAYHASH_ADDRESS")
+    if env and env.startswith(("http://", "https://")):
+        env = None
+    return address or env or os.environ.get("RAY_ADDRESS") or None
+
+
+def init_ray(address: str | None = None, **kwargs) -> None:
+    """Connect to Ray once: the cluster :func:`ray_address` names, else a private local instance.
+
+    *Local means local*: without an address this process starts its own Ray instance (``address="local"``) in its
+    own temporary folder, removed at exit (kept when ``$RAYHASH_DEBUG`` is set), and never joins another instance
+    running on this machine, whoever started it. Inside a Ray job (``ray job submit``) ``$RAY_ADDRESS`` attaches it
+    to the job's cluster."""
     import ray
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = ray_address(address)
     log = get_logger("runtime")
     if address:
         log.info("connecting to Ray cluster at %s", address)
         ray.init(address=address, **kwargs)
     else:
-        kwargs.setdefault("include_dashboard", False)
-        # Ray Train's placement-group cleaner asks the dashboard's state API every second whether the train
-        # controller still lives; a local instance runs no dashboard, so each ask would log a warning all run long.
-        runtime_env = dict(kwargs.pop("runtime_env", None) or {})
-        runtime_env.setdefault("worker_process_setup_hook", "rayhash.runtime.quiet_worker_logs")
-        log.info("starting a local Ray instance (pass --address to use a cluster)")
-        ray.init(runtime_env=runtime_env, **kwargs)
+        _start_private_instance(log, **kwargs)
     _quiet_ray_data()
 
 
+def _start_private_instance(log: logging.Logger, **kwargs) -> None:
+    import atexit
+    import tempfile
+
+    import ray
+
+    # Ray >= 2.52 turns on token authentication for every instance ray.init() starts and writes the token to
+    # ~/.ray/auth_token, a file shared with the user's other Ray instances and clusters (and it warns about it on
+    # every command). This instance accepts connections from this process's own workers only, and its folder is
+    # private, so it runs without a token: RAY_AUTH_MODE=disabled (Ray's documented opt-out), for this process and
+    # the Ray processes it starts. An explicit RAY_AUTH_MODE is kept.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Short and private: Ray's Unix sockets live under it (paths are limited to ~107 bytes), and no other process
+    # finds this instance through it (Ray's auto-detection reads /tmp/ray).
+    temp = tempfile.mkdtemp(prefix="rayhash-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    atexit.register(_remove_private_instance, temp)
+    kwargs.setdefault("include_dashboard", False)
+    runtime_env = dict(kwargs.pop("runtime_env", None) or {})
+    runtime_env.setdefault("worker_process_setup_hook", "rayhash.runtime.quiet_worker_logs")
+    log.info("starting a private local Ray instance (pass --address or set RAYHASH_ADDRESS to use a cluster)")
+    ray.init(address="local", _temp_dir=temp, runtime_env=runtime_env, **kwargs)
+
+
+def _remove_private_instance(temp: str) -> None:
+    """At exit: stop the private instance, then delete its folder (logs and spilled objects) unless debugging."""
+    import shutil
+
+    import ray
+
+    ray.shutdown()
+    if not os.environ.get("RAYHASH_DEBUG"):
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 def quiet_worker_logs() -> None:
-    """Ray worker set-up hook of the local instance: silence the one Ray logger that repeats a warning about the
-    absent dashboard every second (see :func:`init_ray`); errors still show."""
+    """Ray worker set-up hook of the private local instance (see :func:`init_ray`).
+
+    - ``$RAY_ADDRESS`` = this instance: Ray's own code in workers (Ray Train's placement-group cleaner asks the
+      state API every second whether the train controller lives) otherwise looks for "the" local instance and, with
+      another one running on the machine, dies with a ``Found multiple active Ray instances`` traceback.
+    - The cleaner's logger is silenced below ERROR: a local instance runs no dashboard, so each ask would log a
+      warning all run long; errors still show.
+    - Ray Data's own ``exclude_resources`` deprecation warning (raised inside Ray Train's dataset manager, not by
+      rayhash) is dropped."""
+    import warnings
+
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r".*exclude_resources.* is deprecated")
 
 
 def _quiet_ray_data() -> None:
@@ -142,14 +201,14 @@ def _max_cluster_resources() -> dict:
 def require_cpu_headroom(need: float, what: str, fix: str, address: str | None = None) -> None:
     """``need`` CPUs held by long-lived workers (``what``) must leave one CPU of the Ray cluster for Ray Data's read
     tasks, or the pipeline waits forever: an error on a local instance, a warning when connected to a cluster
-    (``address`` / ``$RAY_ADDRESS``: an autoscaler may add nodes)."""
+    (:func:`ray_address`: an autoscaler may add nodes)."""
     import ray
 
     total = ray.cluster_resources().get("CPU", 0)
     if need <= total - 1:
         return
     msg = f"{what} = {need:g} CPUs leaves no CPU for Ray Data reading on this Ray cluster ({total:g} CPUs): {fix}"
-    if not (address or os.environ.get("RAY_ADDRESS")):
+    if not ray_address(address):
         raise ValueError(msg)
     get_logger("rayhash").warning("%s; continuing in case the cluster autoscales", msg)
 

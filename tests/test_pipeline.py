@@ -40,7 +40,7 @@ def test_cli_reports_user_errors_in_one_line(tmp_path):
 
 CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"  # Ray's own module name
 QUIET_SCRIPT = f"""
-import json, logging
+import json, logging, os
 import ray
 from rayhash.runtime import init_ray
 init_ray(num_cpus=1)
@@ -49,7 +49,8 @@ def speak():
     cleaner = logging.getLogger("{CLEANER_LOGGER}")
     cleaner.warning("CLEANER-WARNING")
     return [cleaner.isEnabledFor(logging.WARNING), cleaner.isEnabledFor(logging.ERROR),
-            logging.getLogger("ray.train.v2.other").isEnabledFor(logging.WARNING)]
+            logging.getLogger("ray.train.v2.other").isEnabledFor(logging.WARNING),
+            os.environ.get("RAY_ADDRESS") == ray.get_runtime_context().gcs_address]
 print("LEVELS", json.dumps(ray.get(speak.remote())))
 ray.shutdown()
 """
@@ -67,6 +68,7 @@ def test_local_ray_instance_drops_only_the_per_second_dashboard_warning(tmp_path
     proc = subprocess.run([sys.executable, "-c", QUIET_SCRIPT], capture_output=True, text=True, env=env,
                           timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    warning_on, error_on, other_warning_on = json.loads(proc.stdout.split("LEVELS", 1)[1])
+    warning_on, error_on, other_warning_on, own_address = json.loads(proc.stdout.split("LEVELS", 1)[1])
     assert not warning_on and error_on and other_warning_on
+    assert own_address  # Ray's state-API calls in workers ask this instance, never search for "the" local one
     assert "CLEANER-WARNING" not in proc.stdout + proc.stderr
