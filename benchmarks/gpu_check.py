@@ -87,7 +87,7 @@ def _recipe(batch_size: int, seed: int):
     import torch
 
     from rayhash.config import load_config
-    from rayhash.pipeline import find_config
+    from rayhash.config import find_config
     from rayhash.train import build_training
 
     cfg = load_config(find_config("cifar100-cpu"), [f"train.batch_size={batch_size}", "loss.beta=0.1"])
@@ -151,7 +151,7 @@ def check_compile(device, batch_size: int, seed: int = 0) -> dict:
 
     from rayhash.config import load_config
     from rayhash.losses import HashingLoss
-    from rayhash.pipeline import find_config
+    from rayhash.config import find_config
 
     cfg = load_config(find_config("cifar100-cpu"), ["loss.beta=0.1"])
     classes, bits = 100, cfg.model.bits
@@ -195,7 +195,7 @@ def check_encode(device, images: int, batch_size: int, seed: int = 0) -> dict:
     from rayhash.config import load_config
     from rayhash.model import Encoder, HashNet
     from rayhash.model.checkpoint import LoadedModel
-    from rayhash.pipeline import find_config
+    from rayhash.config import find_config
 
     cfg = load_config(find_config("cifar100-cpu"))
     torch.manual_seed(seed)

@@ -12,6 +12,7 @@ import sys
 # Order = order in --help. Each module defines register(subparsers) and sets a `func(args) -> int|None`.
 STAGE_CLIS = (
     "rayhash.data.cli",      # data wordnet | convert | embed-captions
+    "rayhash.config_cli",    # config show
     "rayhash.train.cli",     # train
     "rayhash.encode.cli",    # encode
     "rayhash.index.cli",     # index build | query

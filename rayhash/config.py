@@ -1,12 +1,15 @@
 """Run configuration: YAML files + ``key=value`` overrides (OmegaConf), validated by pydantic v2 models.
 
 ``load_config("configs/cifar100.yaml", ["model.bits=32", "train.epochs=5"])`` returns a :class:`RunConfig`;
-unknown keys, out-of-range values and wrong types fail fast with the key path and the fix.
+unknown keys, out-of-range values and wrong types fail fast with the key path and the fix. The configs shipped in the
+package (``rayhash/resources/configs/``, which the checkout's ``configs/`` links to) are found by name:
+``find_config("demo")``; ``rayhash config show NAME`` prints one.
 """
 from __future__ import annotations
 
 import difflib
 import os
+from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -15,6 +18,27 @@ BETA_SCHEDULES = ("constant", "ramp")  # rayhash.losses.hashing.beta_at
 KL_DISTANCES = ("l2", "l1")  # rayhash.losses.kl.DISTANCES
 KL_ESTIMATORS = ("sampled", "blockwise", "corners")  # rayhash.losses.kl.ESTIMATORS (checked there at import)
 KL_TC = ("rho", "none", "gaussian")  # blockwise: how the total correlation between blocks enters (README)
+
+
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "resources" / "configs"  # packaged with the wheel
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped in the package (``--config NAME``)."""
+    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
+
+
+def find_config(name_or_path: str | os.PathLike) -> str:
+    """A config file by path, else by name: ``./configs/NAME.yaml`` (your own copies), then the shipped one."""
+    name = str(name_or_path)
+    candidates = [Path(name)]
+    if not name.endswith((".yaml", ".yml")) and "/" not in name:
+        candidates += [Path.cwd() / "configs" / f"{name}.yaml", SHIPPED_CONFIGS / f"{name}.yaml"]
+    for c in candidates:
+        if c.is_file():
+            return str(c)
+    raise FileNotFoundError(f"config {name!r} not found (looked in {', '.join(map(str, candidates))}); pass a YAML "
+                            f"path or one of the shipped configs: {', '.join(shipped_configs())}")
 
 
 class _Section(BaseModel):
@@ -176,7 +200,8 @@ def load_config(path_or_dict: str | os.PathLike | Mapping[str, Any] | RunConfig 
         base = OmegaConf.create(dict(path_or_dict))
     else:
         if not os.path.isfile(path_or_dict):
-            raise FileNotFoundError(f"config file {path_or_dict} not found (see configs/*.yaml for examples)")
+            raise FileNotFoundError(f"config file {path_or_dict} not found; shipped configs (`rayhash config show "
+                                    f"NAME`): {', '.join(shipped_configs())}")
         try:
             base = OmegaConf.load(path_or_dict)
         except Exception as e:  # yaml errors

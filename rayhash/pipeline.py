@@ -7,7 +7,6 @@ skips work whose outputs already exist, so a re-run after a failure continues wh
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from rayhash import storage
 from rayhash.cliargs import positive_int
@@ -15,20 +14,6 @@ from rayhash.layout import PipelineDir
 from rayhash.runtime import get_logger
 
 log = get_logger("pipeline")
-
-
-
-def find_config(name_or_path: str) -> str:
-    """A config file by path, or by name under ./configs/ or the project's configs/ folder."""
-    candidates = [Path(name_or_path)]
-    if not name_or_path.endswith((".yaml", ".yml")):
-        for base in (Path.cwd() / "configs", Path(__file__).resolve().parents[1] / "configs"):
-            candidates.append(base / f"{name_or_path}.yaml")
-    for c in candidates:
-        if c.is_file():
-            return str(c)
-    raise FileNotFoundError(f"config {name_or_path!r} not found (looked in {', '.join(map(str, candidates))}); "
-                            "pass a YAML path, e.g. --config configs/demo.yaml")
 
 
 def convert(dataset: str, source: str | None, ds_dir: str, shard_size: int | None = None,
@@ -54,7 +39,7 @@ def run_pipeline(out: str, *, dataset: str = "synthetic", source: str | None = N
     """Run every stage into ``out`` (data/, run/, codes/, index/, eval/); returns the eval metrics of the database
     protocol (queries = the held-out split, database = the training split), with the reference protocol's
     (queries = database = the held-out split, Barz & Denzler; written to eval/reference/) under ``"reference"``."""
-    from rayhash.config import load_config
+    from rayhash.config import find_config, load_config
     from rayhash.data import CONVERTERS, embed_captions, load_dataset_info
     from rayhash.data.info import held_out_split
     from rayhash.encode import encode_dataset
@@ -134,8 +119,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                             + "; ".join(f"{k.name} (config {k.config})" for k in CONVERTERS))
         p.add_argument("--data", default=None, help="raw data for the converter (cifar100: empty = download)")
         p.add_argument("--config", default=None,
-                       help="YAML config (default for demo: configs/demo.yaml, cifar100: configs/cifar100-cpu.yaml; "
-                            "for pipeline: the dataset's config)")
+                       help="YAML config or shipped config name (`rayhash config show`; default for demo: demo, cifar100: "
+                            "cifar100-cpu; for pipeline: the dataset's config)")
         p.add_argument("--out", default=f"runs/{name}", help="output folder (default: %(default)s)")
         p.add_argument("--index-shards", type=positive_int, default=2, help="index shards (default: %(default)s)")
         p.add_argument("--limit", type=positive_int, default=None,

@@ -6,7 +6,9 @@ import argparse
 HELP = """\
 Train a semantic hash network with Ray Train (DDP over train.num_workers workers, GPU when the cluster has one).
 
-  rayhash train --config configs/demo.yaml --data DS --out runs/demo train.epochs=3 model.bits=32
+  rayhash train --config demo --data DS --out runs/demo train.epochs=3 model.bits=32
+
+--config takes a YAML path or the name of a shipped config (`rayhash config show` lists them; default: demo).
 
 Writes RUN/metrics.jsonl (one line per epoch), RUN/curves.png, RUN/ray/ (Ray Train checkpoints) and
 RUN/final/ (model.pt, meta.json, config.yaml) which `rayhash encode --checkpoint RUN` loads.
@@ -16,13 +18,17 @@ Backbones (model.backbone=NAME):
 """
 
 
+DEFAULT_CONFIG = "demo"  # a shipped config (rayhash.config.shipped_configs)
+
+
 def register(subparsers) -> None:
     from rayhash.model.backbones import BACKBONES
 
     p = subparsers.add_parser("train", help="train a hash network (Ray Train)",
                               description=HELP.format(backbones=BACKBONES.describe()),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML run config (see configs/*.yaml)")
+    p.add_argument("--config", default=DEFAULT_CONFIG,
+                   help="YAML run config, or a shipped config's name (default: %(default)s; `rayhash config show`)")
     p.add_argument("--data", help="dataset folder from `rayhash data convert` (sets data.path)")
     p.add_argument("--out", required=True, help="run folder (local path or s3:// / gs:// URI)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
@@ -33,10 +39,10 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from rayhash.config import load_config
+    from rayhash.config import find_config, load_config
 
     overrides = list(args.overrides) + ([f"data.path={args.data}"] if args.data else [])
-    config = load_config(args.config, overrides)
+    config = load_config(find_config(args.config), overrides)
     if args.print_config:
         print(config.to_yaml(), end="")
         return 0
