@@ -245,13 +245,12 @@ class Service:
 def service_token(token_file: str | None = None) -> str | None:
     """The service's token: from ``token_file`` (private: chmod 600; ``-`` reads standard input), else
     ``$RAYHASH_TOKEN``; None: no token asked."""
-    import os
-
+    from rayhash import settings
     from rayhash.submit import read_token_file
 
     if token_file:
         return read_token_file(token_file)
-    return os.environ.get("RAYHASH_TOKEN", "").strip() or None
+    return (settings.TOKEN.get() or "").strip() or None
 
 
 def _open(index: str, data: str | None, address: str | None = None):
@@ -308,9 +307,9 @@ def app(args: dict[str, str]):
 def _check_room(encoders: int, gpus: float, address: str | None) -> None:
     """Encoder replicas that cannot be placed would leave the deployment waiting forever: an error on a local
     instance, a warning on a cluster (an autoscaler may add nodes)."""
-    import os
-
     import ray
+
+    from rayhash.runtime import ray_address
 
     need = {"CPU": float(encoders), "GPU": encoders * gpus}
     for _ in range(20):  # the resource view lags a moment behind tasks that just finished (the tar scans)
@@ -322,7 +321,7 @@ def _check_room(encoders: int, gpus: float, address: str | None) -> None:
     msg = (f"{encoders} image-encoder replica(s) need " + ", ".join(f"{n:g} {r}" for r, (n, _) in short.items())
            + " but this Ray cluster has " + ", ".join(f"{f:g} {r}" for r, (_, f) in short.items())
            + " free (the index's shard actors hold one CPU each); pass fewer --replicas or --replica-gpus")
-    if not (address or os.environ.get("RAY_ADDRESS")):
+    if not ray_address(address):
         raise ValueError(msg)
     log.warning("%s; deploying in case the cluster autoscales", msg)
 
