@@ -78,8 +78,22 @@ def test_encode_build_query_round_trip(encoded, data_cifar_small, index_tiny_che
             assert res.distances[i, 0] == 0 and key in set(same[i].keys) and len(same[i].keys) == at_zero
             if at_zero <= 5:
                 assert key in set(res.keys[i, :at_zero])  # own key among the distance-0 hits
-    img = tmp_path / "q.png"
-    img.write_bytes(samples[keys[0]])
+        # every kind of image the API takes gives the same codes: path, PIL image, uint8 array, raw file bytes
+        img = tmp_path / "q.png"
+        img.write_bytes(samples[keys[0]])
+        pil = Image.open(io.BytesIO(samples[keys[0]])).convert("RGB")
+        kinds = index.encode([str(img), pil, np.asarray(pil), samples[keys[0]], bytearray(samples[keys[0]])])
+        assert (kinds == queries[0]).all()
+        by_bytes = index.search_images([samples[k] for k in keys], k=5)
+        np.testing.assert_array_equal(by_bytes.distances, res.distances)
+        with pytest.raises(ValueError, match="image 1: array of dtype float64"):
+            index.encode([pil, np.zeros((8, 8, 3))])
+        # labels come with the dataset's class names
+        assert index.label_names[:2] == ["apple", "aquarium_fish"]
+        names = res.names()
+        assert names.shape == res.labels.shape
+        assert names[0, 0] == m["label_names"][res.labels[0, 0]]
+        assert same[0].names()[0] == m["label_names"][same[0].labels[0]]
     sheet = tmp_path / "sheet.png"
     assert main(["query", "--index", str(index_dir), "--image", str(img), "--k", "3",
                  "--contact-sheet", str(sheet)]) == 0

@@ -7,7 +7,8 @@ numpy unicode keys and ``SENTINEL`` distances for empty slots.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 
@@ -15,14 +16,31 @@ SENTINEL = np.iinfo(np.int32).max  # distance of a candidate slot with no code
 EMPTY = np.iinfo(np.int64).max  # integer candidate slot with no code
 
 
+def label_name(label: int, names: Sequence[str]) -> str | None:
+    """The name of class ``label`` (its number as text past the end of ``names``; None for -1, unlabelled)."""
+    if label < 0:
+        return None
+    return names[label] if label < len(names) else str(label)
+
+
+class _Named:
+    def names(self) -> np.ndarray:
+        """``labels`` as class names (object array of the same shape; None where unlabelled or missing), from the
+        dataset's ``label_names`` (the number as text when the dataset has none)."""
+        flat = [label_name(int(v), self.label_names) for v in np.asarray(self.labels).ravel()]
+        return np.asarray(flat + [None], dtype=object)[:-1].reshape(np.shape(self.labels))
+
+
 @dataclass
-class SearchResult:
-    """Per query the k nearest codes: ``distances`` int32 (nq,k), ``keys`` object (nq,k), ``labels`` int32 (nq,k).
+class SearchResult(_Named):
+    """Per query the k nearest codes: ``distances`` int32 (nq,k), ``keys`` object (nq,k), ``labels`` int32 (nq,k),
+    and the dataset's class names ``label_names`` (``names()`` maps ``labels`` to them).
     Rows are sorted by (distance, key); missing hits (fewer than k reachable) have distance -1, key None."""
 
     distances: np.ndarray
     keys: np.ndarray
     labels: np.ndarray
+    label_names: Sequence[str] = field(default=(), repr=False)
 
     def padded(self, k: int) -> "SearchResult":
         """The result with k columns: a search returns ``min(k, ntotal)``; the added slots are missing hits
@@ -34,24 +52,26 @@ class SearchResult:
         keys = np.full((len(self.keys), k), None, object)
         keys[:, :self.keys.shape[1]] = self.keys
         return SearchResult(np.pad(self.distances, pad, constant_values=-1), keys,
-                            np.pad(self.labels, pad, constant_values=-1))
+                            np.pad(self.labels, pad, constant_values=-1), self.label_names)
 
 
 @dataclass
-class RangeResult:
-    """All codes within a Hamming radius, per query ``i`` in ``[lims[i], lims[i+1])``, sorted by (distance, key)."""
+class RangeResult(_Named):
+    """All codes within a Hamming radius, per query ``i`` in ``[lims[i], lims[i+1])``, sorted by (distance, key);
+    ``label_names`` as in :class:`SearchResult`."""
 
     lims: np.ndarray
     distances: np.ndarray
     keys: np.ndarray
     labels: np.ndarray
+    label_names: Sequence[str] = field(default=(), repr=False)
 
     def __len__(self) -> int:
         return len(self.lims) - 1
 
     def __getitem__(self, i: int) -> SearchResult:
         a, b = self.lims[i], self.lims[i + 1]
-        return SearchResult(self.distances[a:b], self.keys[a:b], self.labels[a:b])
+        return SearchResult(self.distances[a:b], self.keys[a:b], self.labels[a:b], self.label_names)
 
 
 def select_topk(d: np.ndarray, keys: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, ...]:

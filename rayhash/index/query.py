@@ -6,7 +6,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from rayhash.index.codes import read_code_file
-from rayhash.index.merge import SearchResult
+from rayhash.index.merge import SearchResult, label_name
 
 
 def codes_for_keys(manifest: dict[str, Any], keys: Sequence[str]) -> np.ndarray:
@@ -27,9 +27,7 @@ def codes_for_keys(manifest: dict[str, Any], keys: Sequence[str]) -> np.ndarray:
 
 
 def _label_name(label: int, names: Sequence[str]) -> str:
-    if label < 0:
-        return "-"
-    return names[label] if label < len(names) else str(label)
+    return label_name(label, names) or "-"
 
 
 def format_table(queries: Sequence[str], res: SearchResult, label_names: Sequence[str] = ()) -> str:

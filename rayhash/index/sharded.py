@@ -2,6 +2,7 @@
 group of shards sized to fit an actor's memory (``mode="ray"``, for indices bigger than one machine)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Any, Sequence
@@ -165,6 +166,11 @@ class ShardedIndex:
     def num_shards(self) -> int:
         return len(self.manifest["shards"])
 
+    @property
+    def label_names(self) -> list[str]:
+        """The dataset's class names (label i is ``label_names[i]``; empty when it has none)."""
+        return list(self.manifest.get("label_names") or [])
+
     # ------------------------------------------------------------------ queries
     def _queries(self, q: Any) -> np.ndarray:
         q = np.asarray(q)
@@ -205,9 +211,8 @@ class ShardedIndex:
         -1, key None and label -1."""
         q = self._queries(q_packed)
         k = self._k(k)
-        if self._group is not None:
-            return finish(*self._group.search(q, k))
-        return finish(*merge_topk(self._fan_out("search", q, k), k))
+        parts = self._group.search(q, k) if self._group is not None else merge_topk(self._fan_out("search", q, k), k)
+        return dataclasses.replace(finish(*parts), label_names=self.label_names)
 
     def range_search(self, q_packed: Any, radius: int) -> RangeResult:
         """All codes within Hamming distance ``radius`` (inclusive) of each query, sorted by (distance, key).
@@ -221,7 +226,7 @@ class ShardedIndex:
             parts = self._group.range_search(q, radius)
         else:
             parts = merge_ranges(self._fan_out("range_search", q, radius), len(q))
-        return ranges_to_result(*parts, len(q))
+        return dataclasses.replace(ranges_to_result(*parts, len(q)), label_names=self.label_names)
 
     def _check_encoder(self):
         from rayhash.model import Encoder
@@ -238,11 +243,12 @@ class ShardedIndex:
         return self._encoder
 
     def encode(self, items: Sequence[Any]) -> np.ndarray:
-        """Packed codes (n, bits/8) of a list of images (paths or URIs, PIL images or HWC uint8 arrays) with the
-        index's checkpoint."""
-        if isinstance(items, (str, bytes, os.PathLike)):
+        """Packed codes (n, bits/8) of a list of images with the index's checkpoint: each a path or URI, a PIL image,
+        a uint8 array (H, W, 3) or (H, W), or the raw bytes of an image file (PNG, JPEG, ...)."""
+        if isinstance(items, (str, bytes, bytearray, memoryview, os.PathLike)) or (
+                isinstance(items, np.ndarray) and items.ndim < 4):  # one image; a (n, H, W, 3) array is n images
             raise ValueError(f"items = {type(items).__name__}: encode and search_images take a list of images "
-                             "(paths, PIL images or HWC uint8 arrays); wrap a single image in a list")
+                             "(paths, PIL images, uint8 arrays or image file bytes); wrap a single image in a list")
         return self._check_encoder().encode_images(list(items))[1]
 
     def search_images(self, items: Sequence[Any], k: int = 10) -> SearchResult:

@@ -98,25 +98,42 @@ class Encoder:
         return z, pack_codes(z)
 
     def encode_images(self, items: Sequence[Any], batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-        """Paths/URIs, PIL images or uint8 (H,W,3) arrays -> (z, packed codes)."""
-        from PIL import Image
-
-        from rayhash.data import decode_image, eval_transform
+        """Images (see :func:`_as_image`: paths/URIs, PIL images, uint8 arrays, image file bytes) -> (z, packed
+        codes)."""
+        from rayhash.data import eval_transform
 
         if self._transform is None:
             self._transform = eval_transform(self.image_size)
         zs, codes = [], []
         for start in range(0, len(items), batch_size):
             batch = []
-            for item in items[start:start + batch_size]:
-                if isinstance(item, np.ndarray):
-                    item = Image.fromarray(item).convert("RGB")
-                elif not isinstance(item, Image.Image):
-                    item = decode_image(storage.read_bytes(item))
-                batch.append(self._transform(item.convert("RGB")))
+            for i, item in enumerate(items[start:start + batch_size], start):
+                batch.append(self._transform(_as_image(item, i).convert("RGB")))
             z, c = self.encode_tensor(torch.stack(batch))
             zs.append(z)
             codes.append(c)
         if not zs:
             return np.zeros((0, self.bits), np.float32), np.zeros((0, self.bits // 8), np.uint8)
         return np.concatenate(zs), np.concatenate(codes)
+
+
+def _as_image(item: Any, i: int):
+    """A PIL image of ``item`` (number ``i`` in its list): a PIL image, a uint8 array (H, W, 3) or (H, W), the raw
+    bytes of an image file, or a path / URI of one."""
+    from PIL import Image
+
+    from rayhash.data import decode_image
+
+    if isinstance(item, Image.Image):
+        return item
+    if isinstance(item, np.ndarray):
+        if item.dtype != np.uint8 or item.ndim not in (2, 3) or (item.ndim == 3 and item.shape[2] not in (1, 3, 4)):
+            raise ValueError(f"image {i}: array of dtype {item.dtype} and shape {item.shape}; pass uint8 pixels "
+                             "(H, W, 3) or (H, W)")
+        return Image.fromarray(item.squeeze(2) if item.ndim == 3 and item.shape[2] == 1 else item)
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return decode_image(bytes(item))
+    if isinstance(item, (str, os.PathLike)):
+        return decode_image(storage.read_bytes(str(item)))
+    raise ValueError(f"image {i}: {type(item).__name__} is not an image; pass a path or URI, a PIL image, a uint8 "
+                     "array or the bytes of an image file")
