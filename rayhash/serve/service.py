@@ -295,7 +295,8 @@ def start_service(index: str, *, host: str = DEFAULT_HOST, port: int = DEFAULT_P
 def app(args: dict[str, str]):
     """Application builder for Ray Serve's own CLI, which keeps this process (the owner of the index actors)
     running: ``serve run rayhash.serve:app index=INDEX [data=DS/split] [replicas=N] [token_file=F]``
-    (host and port: ``serve run --host/--port``; ``$RAYHASH_TOKEN`` as with ``rayhash serve``)."""
+    (on 127.0.0.1:8000, or where ``serve start --http-host/--http-port`` put Serve; ``$RAYHASH_TOKEN`` as with
+    ``rayhash serve``)."""
     unknown = set(args) - {"index", "data", "replicas", "token_file"}
     if unknown or "index" not in args:
         raise ValueError(f"serve run rayhash.serve:app takes index=INDEX [data=DS/split] [replicas=N] "
