@@ -142,7 +142,7 @@ def main(argv=None) -> int:
         for kind, (items, driver_fn) in kinds.items():
             driver_fn(items[0]), http(kind, items[0])  # warm-up: encoder loaded, connections open
             want, lat_d, wall_d = timed(driver_fn, items, args.concurrency)
-            got, lat_s, wall_s = timed(lambda x: http(kind, x), items, args.concurrency)
+            got, lat_s, wall_s = timed(lambda x, kind=kind: http(kind, x), items, args.concurrency)
             for w, g in zip(want, got):
                 mismatches += g != {"keys": w.keys.tolist(), "distances": w.distances.tolist(),
                                     "labels": w.labels.tolist()}

@@ -3,7 +3,6 @@ dataset (a seeded tiny checkpoint, so 16-bit codes with many Hamming ties), quer
 `requests` and from a real headless Chromium; every answer is checked against `ShardedIndex.search`."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
