@@ -13,12 +13,15 @@ import tarfile
 import time
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import shared
 from PIL import Image
 
 from rayhash.data import (convert_captions, convert_imagefolder, convert_synthetic, embed_captions,
                           load_dataset_info, read_shards, skip_counts)
+from rayhash.data.captions import _in_val
 
 WNIDS = ["n01440764", "n01443537", "n02085620"]  # tench, goldfish, Chihuahua
 
@@ -252,17 +255,31 @@ def test_img2dataset_shards_accepted(tmp_path, ray_local):
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
                 expected[key] = caption
-        (src / f"{t:05d}_stats.json").write_text("{}")
+        if t == 0:  # img2dataset's stats of one tar, its parquet (the status of each sample) of the other
+            (src / f"{t:05d}_stats.json").write_text(json.dumps({"count": 4, "successes": 3, "failed": 1}))
+        else:
+            pq.write_table(pa.table({"key": ["x", *expected][-4:], "status": ["failed", *["success"] * 3]}),
+                           src / f"{t:05d}.parquet")
     direct = read_shards(sorted(str(p) for p in src.glob("*.tar")), mode="raw").take_all()
     assert sorted(r["key"] for r in direct) == sorted(expected) and all(r["label"] == -1 for r in direct)
     out = tmp_path / "ds"
-    convert_captions(str(src), str(out))
+    convert_captions(str(src), str(out), val_fraction=0.5, seed=3)
     info = load_dataset_info(out)
-    assert info.kind == "captions" and info.count("train") == 6 and len(info.splits["train"]["shards"]) == 2
-    with tarfile.open(info.shard_paths("train")[1]) as tar:
-        docs = {m.name[:-5]: json.loads(tar.extractfile(m).read()) for m in tar.getmembers()
-                if m.name.endswith(".json")}
-    assert {k: d["captions"] for k, d in docs.items()} == {k: [c] for k, c in expected.items() if k[:5] == "00001"}
+    assert info.kind == "captions" and info.count("train") + info.count("val") == 6
+    assert 0 < info.count("val") < 6 and len(info.splits["train"]["shards"]) == 2
+    assert info.extra["source_successes"] == 6  # from img2dataset's _stats.json and .parquet
+    docs = {}
+    for split in ("train", "val"):
+        for path in info.shard_paths(split):
+            with tarfile.open(path) as tar:
+                docs.update({(split, m.name[:-5]): json.loads(tar.extractfile(m).read()) for m in tar.getmembers()
+                             if m.name.endswith(".json")})
+    assert {k: d["captions"] for (_, k), d in docs.items()} == {k: [c] for k, c in expected.items()}
+    val = {k for s, k in docs if s == "val"}
+    assert val == {k for k in expected if _in_val(k, 0.5, 3)}  # deterministic by key
+    again = tmp_path / "ds2"
+    convert_captions(str(src), str(again), val_fraction=0.5, seed=3)
+    assert load_dataset_info(again).splits == info.splits  # the same shards, byte for byte
 
 
 def test_cli_convert_synthetic(tmp_path, ray_local, capsys):

@@ -102,6 +102,29 @@ def test_encode_build_query_round_trip(encoded, data_cifar_small, index_tiny_che
     assert first[1] == "0" and Image.open(sheet).size[0] > 100
 
 
+def test_contact_sheet_reads_images_from_the_tars_the_codes_came_from(tmp_path, data_cifar_small,
+                                                                     index_tiny_checkpoint, ray_local, capfd, caplog):
+    """Codes of raw tars (no dataset folder: img2dataset output) record no split; the contact sheet finds the
+    images in the tars named in codes.json, and says what to pass when it cannot."""
+    from rayhash.encode import encode_dataset
+    from rayhash.index.query import _images_for_keys, image_source, write_contact_sheet
+
+    raw = tmp_path / "raw" / "00000.tar"
+    raw.parent.mkdir()
+    shutil.copy(sorted((data_cifar_small / "test").glob("*.tar"))[0], raw)
+    summary = encode_dataset(index_tiny_checkpoint, [str(raw)], str(tmp_path / "codes"))
+    m = build_index(str(tmp_path / "codes"), tmp_path / "index")
+    assert summary["data"] is None and m["data"] is None
+    assert image_source(m) == [str(raw)]
+    with ShardedIndex.open(tmp_path / "index") as index:
+        res = index.search(read_codes(tmp_path / "codes").codes[:2], 3)
+    hits = {str(k) for k in res.keys.ravel()}
+    assert set(_images_for_keys(image_source(m), hits)) == hits
+    capfd.readouterr()
+    write_contact_sheet(str(tmp_path / "blank.png"), ["a", "b"], res, images=False, data=None)
+    assert "pass --data" in capfd.readouterr().err + caplog.text
+
+
 def test_encode_resumes_only_missing_outputs(encoded, data_cifar_small, index_tiny_checkpoint, tmp_path):
     from rayhash.encode import encode_dataset
 

@@ -2,9 +2,11 @@
 
 Inputs: a CSV/TSV of ``image,caption`` lines (CSV lines split on the FIRST comma, TSV on the first tab; an
 optional header ``image,caption``) plus an images folder (the Flickr8k layout), or a folder of img2dataset
-WebDataset shards (``*.tar`` with ``jpg`` + ``txt``/``json``). img2dataset shards are re-written one output shard
-per input shard, all into split ``train`` (their captions normalised into our ``json``); they can also be read
-as they are with ``read_shards([...tar])``, which understands ``jpg`` + ``txt``.
+WebDataset shards (``*.tar`` with ``jpg`` + ``txt``/``json``, beside img2dataset's ``.parquet`` and ``_stats.json``).
+img2dataset shards are re-written one output shard per input shard and split, into ``train`` and ``val`` by a seeded
+hash of the sample key (``val_fraction``), their captions normalised into our ``json``; img2dataset's stats (or
+parquet) give the expected sample count. They can also be read as they are with ``read_shards([...tar])``, which
+understands ``jpg`` + ``txt``.
 """
 from __future__ import annotations
 
@@ -61,7 +63,8 @@ def _file_sample(record: dict) -> dict[str, bytes] | None:
 
 
 def _img2dataset_samples(record: dict) -> list[tuple[str, dict[str, bytes]]]:
-    """Samples of one img2dataset tar: image bytes + our json (captions from txt / json["caption"])."""
+    """Samples of one img2dataset tar that belong to ``record["split"]`` (val: a seeded hash of the sample key below
+    ``val_fraction``): image bytes + our json (captions from txt / json["caption"])."""
     groups: dict[str, dict[str, bytes]] = {}
     with tarfile.open(record["tar"], "r") as tar:
         for m in tar:
@@ -71,6 +74,8 @@ def _img2dataset_samples(record: dict) -> list[tuple[str, dict[str, bytes]]]:
                 groups.setdefault(key, {})[ext.lower()] = tar.extractfile(m).read()
     samples = []
     for key in sorted(groups):
+        if _in_val(key, record["val_fraction"], record["seed"]) != (record["split"] == "val"):
+            continue
         g = groups[key]
         image_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in g), None)
         meta = json.loads(g["json"]) if "json" in g else {}
@@ -117,9 +122,7 @@ def convert_captions(src: str | os.PathLike, out: str, *, images: str | None = N
     info = {"name": name or os.path.basename(os.path.abspath(src).rstrip("/")).split(".")[0], "kind": "captions",
             "label_names": [], "wnids": None, "hierarchy": None}
     if tars:
-        records = [{"key": f"tar{i}", "tar": t} for i, t in enumerate(tars[:limit])]
-        splits = {"train": write_split(out, "train", records, _img2dataset_samples, 1)}
-        return write_dataset_json(out, {**info, "source_format": "img2dataset"}, splits)
+        return _convert_img2dataset(tars[:limit], out, info, val_fraction, seed)
     caption_file, image_dir = _caption_source(src)
     image_dir = images or image_dir
     captions = read_caption_file(caption_file)
@@ -142,6 +145,45 @@ def convert_captions(src: str | os.PathLike, out: str, *, images: str | None = N
     splits = {s: write_split(out, s, recs, _file_sample, shard_size) for s, recs in by_split.items() if recs}
     extra = {"missing_images": len(names) - len(present), "val_fraction": val_fraction, "seed": seed,
              "source_format": "csv"}
+    return write_dataset_json(out, {**info, **extra}, splits)
+
+
+def img2dataset_successes(tar: str) -> int | None:
+    """Samples img2dataset wrote into ``tar``: ``successes`` of its ``<name>_stats.json``, else the rows of its
+    ``<name>.parquet`` with status ``success``; None when it left neither."""
+    base = tar[:-len(".tar")]
+    stats = f"{base}_stats.json"
+    if os.path.isfile(stats):
+        with open(stats, encoding="utf-8") as f:
+            doc = json.load(f)
+        if isinstance(doc.get("successes"), int):
+            return doc["successes"]
+    if os.path.isfile(f"{base}.parquet"):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(f"{base}.parquet", columns=["status"])
+        return sum(s == "success" for s in table.column("status").to_pylist())
+    return None
+
+
+def _convert_img2dataset(tars: list[str], out: str, info: dict, val_fraction: float, seed: int) -> dict:
+    """One output shard per input tar and split; samples split into train/val by a seeded hash of their key."""
+    splits = {}
+    for split in ("train", "val"):
+        records = [{"key": f"tar{i}", "tar": t, "split": split, "val_fraction": val_fraction, "seed": seed}
+                   for i, t in enumerate(tars)]
+        entry = write_split(out, split, records, _img2dataset_samples, 1)
+        if entry["count"]:
+            splits[split] = entry
+    written = sum(e["count"] for e in splits.values())
+    known = [img2dataset_successes(t) for t in tars]
+    extra = {"source_format": "img2dataset", "val_fraction": val_fraction, "seed": seed}
+    if all(n is not None for n in known):
+        extra["source_successes"] = sum(known)
+        if sum(known) != written:
+            log.warning("%d samples read from %d tars, but img2dataset's _stats.json/.parquet count %d successes "
+                        "(samples without image or caption are skipped; a tar may be truncated)", written,
+                        len(tars), sum(known))
     return write_dataset_json(out, {**info, **extra}, splits)
 
 

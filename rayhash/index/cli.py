@@ -52,8 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--checkpoint", help="checkpoint to encode --image with (default: the one in the manifest)")
     q.add_argument("--mode", default="local", choices=["local", "ray"], help="shards in-process or on Ray actors")
     q.add_argument("--contact-sheet", metavar="PNG", help="also write a PNG grid of the query and its hits")
-    q.add_argument("--data", help="dataset split the hits' images come from, for --contact-sheet "
-                                  "(default: the one recorded at encode time)")
+    q.add_argument("--data", nargs="+", metavar="SPLIT_OR_TAR",
+                   help="dataset split (or tars) the hits' images come from, for --contact-sheet (default: the split "
+                        "recorded at encode time, else the tars the codes were encoded from)")
     q.add_argument("--address", help="Ray cluster address for --mode ray")
     q.set_defaults(func=_query)
 
@@ -70,7 +71,7 @@ def _build(args: argparse.Namespace) -> int:
 
 def _query(args: argparse.Namespace) -> int:
     from rayhash.index import ShardedIndex
-    from rayhash.index.query import codes_for_keys, format_table, write_contact_sheet
+    from rayhash.index.query import codes_for_keys, format_table, image_source, write_contact_sheet
 
     with ShardedIndex.open(args.index, mode=args.mode, checkpoint=args.checkpoint, address=args.address) as index:
         if args.image:
@@ -82,6 +83,7 @@ def _query(args: argparse.Namespace) -> int:
         print(format_table(queries, res, names))
         if args.contact_sheet:
             write_contact_sheet(args.contact_sheet, queries, res, names, images=bool(args.image),
-                                data=args.data or index.manifest.get("data"))
+                                data=(args.data[0] if len(args.data) == 1 else args.data) if args.data
+                                else image_source(index.manifest))
             print(f"contact sheet: {args.contact_sheet}")
     return 0

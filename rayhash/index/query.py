@@ -44,8 +44,23 @@ def format_table(queries: Sequence[str], res: SearchResult, label_names: Sequenc
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _images_for_keys(data: str | None, keys: set[str]) -> dict[str, np.ndarray]:
-    """uint8 HWC images of ``keys`` from the dataset split ``data`` (empty when unavailable)."""
+def image_source(manifest: dict[str, Any]) -> str | list[str] | None:
+    """Where the images of an index's codes are: the dataset split recorded at encode time, else the tars the codes
+    were encoded from (each codes folder's ``codes.json``; codes of raw img2dataset tars record no split)."""
+    import os
+
+    from rayhash.layout import CodesDir
+
+    if manifest.get("data"):
+        return manifest["data"]
+    folders = dict.fromkeys(os.path.dirname(src[0]) for s in manifest["shards"] for src in s["sources"])
+    tars = [entry["source"] for folder in folders if (summary := CodesDir(folder).read_summary())
+            for entry in summary.shards or () if entry.get("source")]
+    return tars or None
+
+
+def _images_for_keys(data: str | Sequence[str] | None, keys: set[str]) -> dict[str, np.ndarray]:
+    """uint8 HWC images of ``keys`` from ``data`` (a dataset split or a list of tars; empty when unavailable)."""
     if not data or not keys:
         return {}
     from rayhash.data import read_shards
@@ -70,7 +85,15 @@ def write_contact_sheet(out: str, queries: Sequence[str], res: SearchResult, lab
     from rayhash import storage
 
     hit_keys = {str(k) for k in res.keys.ravel() if k is not None}
-    pics = _images_for_keys(data, hit_keys | (set() if images else set(queries)))
+    wanted = hit_keys | (set() if images else set(queries))
+    pics = _images_for_keys(data, wanted)
+    if len(pics) < len(wanted):
+        from rayhash.runtime import get_logger
+
+        where = "the index records no dataset" if not data else f"not found in {data}"
+        get_logger("rayhash.index").warning(
+            "contact sheet: no image for %d of %d tiles (%s), left blank; pass --data DS/SPLIT or the tars the codes "
+            "were encoded from", len(wanted) - len(pics), len(wanted), where)
     nq, k = res.distances.shape
     fig, axes = plt.subplots(nq, k + 1, figsize=(1.3 * (k + 1), 1.5 * nq), squeeze=False)
     for qi, q in enumerate(queries):
