@@ -1,14 +1,14 @@
-"""Ray job entrypoint: `rayhash data convert`.
+"""Ray job entrypoint: `rayhash data convert` (the stage list is rayhash.cli.JOB_STAGES).
 
-    ray job submit --working-dir . -- python jobs/convert.py synthetic --out s3://bucket/ds
-    rayhash submit --address http://HEAD:8265 convert synthetic --out s3://bucket/ds
+    ray job submit --working-dir . -- python jobs/convert.py <args of rayhash data convert>
+    rayhash submit --address http://HEAD:8265 convert <args>
 """
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the job's working dir (this checkout)
 
-from rayhash.cli import main  # noqa: E402
+from rayhash.cli import job_main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["data", "convert", *sys.argv[1:]]))
+    sys.exit(job_main(__file__))

@@ -1,14 +1,14 @@
-"""Ray job entrypoint: `rayhash data embed-captions`.
+"""Ray job entrypoint: `rayhash data embed-captions` (the stage list is rayhash.cli.JOB_STAGES).
 
-    ray job submit --working-dir . -- python jobs/embed_captions.py s3://bucket/ds
-    rayhash submit --address http://HEAD:8265 embed-captions s3://bucket/ds
+    ray job submit --working-dir . -- python jobs/embed_captions.py <args of rayhash data embed-captions>
+    rayhash submit --address http://HEAD:8265 embed-captions <args>
 """
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the job's working dir (this checkout)
 
-from rayhash.cli import main  # noqa: E402
+from rayhash.cli import job_main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["data", "embed-captions", *sys.argv[1:]]))
+    sys.exit(job_main(__file__))

@@ -1,14 +1,14 @@
-"""Ray job entrypoint: `rayhash encode`.
+"""Ray job entrypoint: `rayhash encode` (the stage list is rayhash.cli.JOB_STAGES).
 
-    ray job submit --working-dir . -- python jobs/encode.py --checkpoint s3://bucket/run --data s3://bucket/ds/test --out s3://bucket/codes
-    rayhash submit --address http://HEAD:8265 encode --checkpoint s3://bucket/run --data s3://bucket/ds/test --out s3://bucket/codes
+    ray job submit --working-dir . -- python jobs/encode.py <args of rayhash encode>
+    rayhash submit --address http://HEAD:8265 encode <args>
 """
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the job's working dir (this checkout)
 
-from rayhash.cli import main  # noqa: E402
+from rayhash.cli import job_main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["encode", *sys.argv[1:]]))
+    sys.exit(job_main(__file__))

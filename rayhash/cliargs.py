@@ -51,3 +51,10 @@ class RefuseToken(argparse.Action):
         parser.error("--token would show the token to every user of this machine (ps, shell history); pass "
                      "--token-file PATH (chmod 600), --token-file - (read from standard input), or set "
                      "$RAYHASH_TOKEN")
+
+
+def default_of(fn, name: str):
+    """The default of ``fn``'s parameter ``name``: a CLI option states it once, where the function defines it."""
+    import inspect
+
+    return inspect.signature(fn).parameters[name].default

@@ -90,3 +90,25 @@ def test_settings_wrong_together_are_refused_naming_both_keys():
     with pytest.raises(ValueError, match=r"loss\.kl_block=3 must divide model\.bits=32"):
         load_config(None, ["loss.kl_estimator=blockwise", "loss.kl_block=3", "model.bits=32"])
     assert load_config(None, ["loss.kl_estimator=sampled", "loss.kl_block=3"]).loss.kl_block == 3
+
+
+def test_environment_variables_are_listed_once():
+    """rayhash reads environment variables only through rayhash.settings (a grep of the package finds
+    ``os.environ`` nowhere else but runtime.py's process set-up), submit forwards exactly the settings marked
+    forwarded and never a token, and the README's table is the generated one."""
+    import re
+
+    from rayhash import settings
+    from rayhash.submit import PASSTHROUGH_ENV
+
+    root = Path(__file__).resolve().parents[1]
+    readers = sorted(str(p.relative_to(root)) for p in (root / "rayhash").rglob("*.py")
+                     if re.search(r"os\.environ|os\.getenv", p.read_text()))
+    assert set(readers) <= {"rayhash/settings.py", "rayhash/runtime.py"}, readers
+    assert PASSTHROUGH_ENV == settings.forwarded()
+    assert not {"RAYHASH_TOKEN", "RAY_AUTH_TOKEN", "RAYHASH_TOKEN_FILE"} & set(PASSTHROUGH_ENV)
+    assert {"RAYHASH_ACTOR_START_TIMEOUT", "RAYHASH_FAISS_GPU"} <= set(PASSTHROUGH_ENV)
+    readme = (root / "README.md").read_text()
+    table = readme.split("checked by tests/test_config.py -->\n", 1)[1].split("\n<!-- end settings table -->")[0]
+    assert table == settings.markdown_table()
+    assert len({s.name for s in settings.ALL}) == len(settings.ALL)

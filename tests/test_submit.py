@@ -24,16 +24,36 @@ from rayhash import submit as S
 def test_stage_entrypoint_quotes_args_and_maps_stage_to_jobs_script():
     ep = S.stage_entrypoint("embed-captions", ["my ds", "--out", "a'b.parquet"])
     assert shlex.split(ep) == ["python", "jobs/embed_captions.py", "my ds", "--out", "a'b.parquet"]
-    for stage, script in S.STAGES.items():
-        assert (S.PROJECT_ROOT / "jobs" / f"{script}.py").is_file(), stage
+    assert S.stage_entrypoint("data", ["convert", "synthetic"]) == "python jobs/convert.py synthetic"
+    assert S.stage_entrypoint("index", ["build", "--codes", "c"]) == "python jobs/index.py --codes c"
     with pytest.raises(ValueError, match="unknown stage 'trian'.*stages: convert"):
         S.stage_entrypoint("trian")
+
+
+def test_every_stage_is_reachable_from_the_one_list(capsys):
+    """rayhash.cli.JOB_STAGES is the one stage list: each entry is a real CLI command (its --help parses), each
+    has exactly the generated jobs/ script, `rayhash submit` maps its name and its CLI words to that script, and
+    nothing else lives in jobs/."""
+    from rayhash.cli import JOB_STAGES, build_parser, job_script, job_script_name
+
+    parser = build_parser()
+    for stage, words in JOB_STAGES.items():
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args([*words, "--help"])
+        assert e.value.code == 0 and capsys.readouterr().out.startswith(f"usage: rayhash {' '.join(words)} ")
+        script = S.PROJECT_ROOT / "jobs" / job_script_name(stage)
+        assert script.read_text() == job_script(stage), f"{script} differs from rayhash.cli.job_script({stage!r})"
+        expect = f"python jobs/{job_script_name(stage)} --x"
+        assert S.stage_entrypoint(stage, ["--x"]) == expect
+        assert S.stage_entrypoint(words[0], [*words[1:], "--x"]) == expect
+    assert sorted(p.name for p in (S.PROJECT_ROOT / "jobs").glob("*.py")) == sorted(
+        job_script_name(s) for s in JOB_STAGES)
 
 
 @pytest.mark.parametrize("script,usage", [
     ("convert", "rayhash data convert"), ("embed_captions", "rayhash data embed-captions"), ("train", "rayhash train"),
     ("encode", "rayhash encode"), ("index", "rayhash index build"), ("eval", "rayhash eval"),
-    ("pipeline", "rayhash pipeline")])
+    ("pipeline", "rayhash pipeline"), ("serve", "rayhash serve")])
 def test_jobs_scripts_run_their_stage_cli(script, usage, monkeypatch, capsys):
     import runpy
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from rayhash.cliargs import nonnegative_int, positive_int
+from rayhash.cliargs import default_of, nonnegative_int, positive_int
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -20,6 +20,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from rayhash.eval.evaluate import evaluate
+
     p = sub.add_parser("eval", help="evaluate an index: mAHP@250 (index / expected ties), mAP@1000, P@r2, plots",
                        description="Encode the query split with the checkpoint, retrieve from the sharded index (or, "
                                    "with --protocol reference, from the query split itself) and write "
@@ -39,9 +41,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--targets", default="auto", choices=["auto", "hierarchy", "captions"],
                    help="relevance: class hierarchy or caption-embedding similarity (auto: from dataset.json)")
     p.add_argument("--caption-embeddings", default=None, help="Parquet of caption embeddings (captions targets)")
-    p.add_argument("--k", type=positive_int, default=250, help="mAHP cut-off (default: %(default)s)")
-    p.add_argument("--map-k", type=positive_int, default=1000, help="mAP cut-off (default: %(default)s)")
-    p.add_argument("--radius", type=nonnegative_int, default=2, help="Hamming radius for precision (default: %(default)s)")
+    p.add_argument("--k", type=positive_int, default=default_of(evaluate, "k"),
+                   help="mAHP cut-off (default: %(default)s)")
+    p.add_argument("--map-k", type=positive_int, default=default_of(evaluate, "map_k"),
+                   help="mAP cut-off (default: %(default)s)")
+    p.add_argument("--radius", type=nonnegative_int, default=default_of(evaluate, "radius"),
+                   help="Hamming radius for precision (default: %(default)s)")
     p.add_argument("--max-queries", type=positive_int, default=None,
                    help="evaluate a seeded random subset of queries (reference protocol: the database too)")
     p.add_argument("--classes", default=None,

@@ -27,18 +27,6 @@ if TYPE_CHECKING:
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 JOBS_DIR = "jobs"
 
-# `rayhash submit <stage>` -> jobs/<script>.py
-STAGES = {
-    "convert": "convert",
-    "embed-captions": "embed_captions",
-    "train": "train",
-    "encode": "encode",
-    "index": "index",
-    "eval": "eval",
-    "serve": "serve",
-    "pipeline": "pipeline",
-}
-
 # Never uploaded with the working dir (gitignore syntax, anchored at the project root).
 WORKING_DIR_EXCLUDES = ["/.venv", "/venv", "/runs", "/data", "/.git", "/.pytest_cache", "/*.egg-info",
                         "/build", "/dist", "**/__pycache__", "*.pyc"]
@@ -142,7 +130,8 @@ def connect(address: str | None = None, token: str | None = None,
         if _is_auth_failure(e):
             raise _auth_error(url, bool(tok), str(e)) from None
         raise ConnectionError(f"cannot reach the Ray Jobs API at {url}: {e}. Is the cluster up and the "
-                              "dashboard port tunnelled (ray dashboard cluster/aws.yaml, or ssh -L 8265:localhost:8265)?"
+                              "dashboard port tunnelled (ray dashboard cluster/aws.yaml, or "
+                              "ssh -L 8265:localhost:8265)?"
                               ) from None
 
 
@@ -177,24 +166,17 @@ def _split_env(item: str) -> tuple[str, str]:
 
 
 def stage_entrypoint(stage: str, args: Sequence[str] = (), working_dir: str | os.PathLike = PROJECT_ROOT) -> str:
-    """``python jobs/<stage>.py <args>`` (shell-quoted), checking that the script exists. The CLI's own spelling
-    works too: ``data convert ...``, ``data embed-captions ...``, ``index build ...``."""
-    stage, args = _cli_spelling(stage, list(args))
-    script = STAGES.get(stage, stage.replace("-", "_"))
-    path = Path(working_dir) / JOBS_DIR / f"{script}.py"
+    """``python jobs/<stage>.py <args>`` (shell-quoted), checking that the script exists. ``stage``: a name of
+    :data:`rayhash.cli.JOB_STAGES`, or the CLI's own words at the start of ``args``' place (``data convert ...``,
+    ``index build ...``)."""
+    from rayhash.cli import job_script_name, job_stage
+
+    name, args = job_stage([stage, *args])
+    path = Path(working_dir) / JOBS_DIR / job_script_name(name)
     if not path.is_file():
-        known = ", ".join(STAGES)
-        raise ValueError(f"unknown stage {stage!r}: no {path}; stages: {known} (or --raw for any command)")
-    return shlex.join(["python", f"{JOBS_DIR}/{script}.py", *args])
-
-
-def _cli_spelling(stage: str, args: list[str]) -> tuple[str, list[str]]:
-    """Map ``data convert``/``data embed-captions``/``index build`` onto their job scripts' stage names."""
-    if stage == "data" and args and args[0] in ("convert", "embed-captions"):
-        return args[0], args[1:]
-    if stage == "index" and args and args[0] == "build":
-        return stage, args[1:]
-    return stage, args
+        raise ValueError(f"no {path}: the working dir {working_dir} is not a rayhash checkout (or --raw for any "
+                         "command)")
+    return shlex.join(["python", f"{JOBS_DIR}/{job_script_name(name)}", *args])
 
 
 def runtime_env(working_dir: str | os.PathLike = PROJECT_ROOT, env: Mapping[str, str] | None = None,
@@ -265,15 +247,3 @@ def wait(client: "JobSubmissionClient", job_id: str, timeout_s: float | None = N
         if result.status in TERMINAL or (deadline is not None and time.monotonic() > deadline):
             return result
         time.sleep(poll_s)
-
-
-def submit_stage(stage: str, args: Sequence[str] = (), *, address: str | None = None, token: str | None = None,
-                 token_file: str | None = None, env: Mapping[str, str] | Sequence[str] = (),
-                 forward_env: bool = True, working_dir: str | os.PathLike = PROJECT_ROOT,
-                 wait_for: bool = True, out: TextIO = sys.stdout, **submit_kwargs) -> JobResult:
-    """Submit ``jobs/<stage>.py args`` to the cluster; with ``wait_for``, stream its logs and return its result."""
-    client = connect(address, token, token_file)
-    entrypoint = stage_entrypoint(stage, args, working_dir)
-    job_id = submit(entrypoint, client=client, runtime_env=runtime_env(working_dir, job_env(env, forward_env)),
-                    metadata={"rayhash_stage": stage}, **submit_kwargs)
-    return follow(client, job_id, out) if wait_for else JobResult(job_id, "PENDING")

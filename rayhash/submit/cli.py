@@ -5,10 +5,11 @@ import argparse
 import shlex
 import sys
 
+from rayhash.cli import JOB_STAGES
 from rayhash.cliargs import RefuseToken, nonnegative_float
 
 SUBMIT_EPILOG = """\
-stages: convert, embed-captions, train, encode, index, eval, serve, pipeline (= python jobs/<stage>.py <args>)
+stages: {stages} (= python jobs/<stage>.py <args>; the CLI's words work too: data convert, index build)
 examples:
   rayhash submit --address http://127.0.0.1:8265 convert synthetic --out s3://bucket/ds
   rayhash submit --token-file ~/.ray/cluster_token train --config configs/cifar100.yaml --data s3://bucket/ds --out s3://bucket/run
@@ -33,7 +34,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("submit", help="run a stage (or the whole pipeline) as a Ray job on a cluster",
                               description="Submit `python jobs/<stage>.py <args>` to a Ray cluster through the "
                                           "Jobs API, follow its logs and exit with its status.",
-                              epilog=SUBMIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              epilog=SUBMIT_EPILOG.format(stages=", ".join(JOB_STAGES)),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     _connection_args(p)
     p.add_argument("--env", action="append", default=[], metavar="KEY=VAL",
                    help="environment variable for the job (repeatable); the variables rayhash.settings marks "
@@ -46,7 +48,8 @@ def register(subparsers) -> None:
     p.add_argument("--working-dir", default=None, help="directory uploaded as the job's working dir "
                                                        "(default: this rayhash checkout)")
     p.add_argument("--submission-id", help="job id to use (default: generated); resubmitting an id fails")
-    p.add_argument("--num-gpus", type=nonnegative_float, default=None, help="GPUs reserved for the job's driver process")
+    p.add_argument("--num-gpus", type=nonnegative_float, default=None,
+                   help="GPUs reserved for the job's driver process")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return without following logs")
     p.add_argument("--raw", action="store_true", help="the arguments are a shell command to run as the job "
                                                       "(e.g. --raw -- python my_driver.py)")
