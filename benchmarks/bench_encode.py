@@ -4,7 +4,8 @@ over the same WebDataset tars with the same model (goal: Ray Data >= 0.8x).
     python benchmarks/bench_encode.py --per-class 20 --bits 64 --batch-size 256
 
 Uses real CIFAR-100 from $RAYHASH_DATA/cifar-100-python.tar.gz when present (else the synthetic dataset), a seeded
-untrained HashNet (throughput does not depend on the weights). Both paths decode + transform + run the model on CPU/GPU alike.
+untrained HashNet (throughput does not depend on the weights). Both paths decode + transform + run the model on
+CPU/GPU alike.
 """
 from __future__ import annotations
 

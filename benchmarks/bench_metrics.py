@@ -83,7 +83,7 @@ def bench_losses(n: int, d: int, image_size: int, repeat: int) -> None:
     print(f"losses  n={n} d={d}; baseline ResNet-18 fwd+bwd on {n}x3x{image_size}x{image_size}: "
           f"{t_resnet * 1e3:.1f} ms/step (torch threads={torch.get_num_threads()})")
     for name, fn in terms.items():
-        t = timed(lambda: loss_step(fn), repeat)
+        t = timed(lambda fn=fn: loss_step(fn), repeat)
         print(f"  {name:38s}: {t * 1e3:8.2f} ms/step = {100 * t / t_resnet:6.2f}% of the ResNet-18 step")
 
 

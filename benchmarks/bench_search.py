@@ -206,7 +206,8 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     tables = MultiIndex(db, np.arange(args.n), args.n + 1)  # over db itself (64-bit multiples: a view, no copy)
     mih_build, mih_bytes = time.perf_counter() - t, flat_bytes + tables.nbytes
-    print(f"memory per code (one index over all codes): flat {flat_bytes / args.n:.1f} B, mih {mih_bytes / args.n:.1f} B"
+    print(f"memory per code (one index over all codes): flat {flat_bytes / args.n:.1f} B, "
+          f"mih {mih_bytes / args.n:.1f} B"
           f" (the codes + {tables.m} tables of {tables.b} bits; {mih_bytes / max(1, flat_bytes):.1f}x flat; tables "
           f"built in {mih_build:.2f}s); the id maps (keys) come on top of either")
     del tables

@@ -53,7 +53,8 @@ class DataConfig(_Section):
     val_split: str | None = "test"  # held-out split for validation mAHP; null = no validation
     image_size: int = Field(32, ge=8, le=1024)
     targets: Literal["hierarchy", "captions", "none"] = "hierarchy"
-    caption_embeddings: str | None = None  # Parquet of `rayhash data embed-captions`; default DS/caption_embeddings.parquet
+    caption_embeddings: str | None = None  # Parquet of `rayhash data embed-captions`
+    # (default DS/caption_embeddings.parquet)
     shuffle_buffer: int = Field(2048, ge=0)  # rows mixed across shards per worker; 0: in-shard shuffle only
     train_classes: list[int] | None = None  # train on these labels only (zero-shot: eval --classes the others)
     verify_shards: bool = True  # check every shard's sha256 against dataset.json before training (one read)

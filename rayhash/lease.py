@@ -9,7 +9,8 @@ A lease whose owner died is taken over: at once when the owner ran on this host 
 once it has expired (``RAYHASH_LEASE_TTL`` seconds after its last renewal, default 120).
 
 Atomicity: on a local or shared POSIX filesystem the lease is written under a unique name and hard-linked into
-place (exactly one of racing writers gets it, and it is never seen without its content). Object stores have no create-if-absent through pyarrow, so there the lease is written and read
+place (exactly one of racing writers gets it, and it is never seen without its content). Object stores have no
+create-if-absent through pyarrow, so there the lease is written and read
 back after a short settle time, and the writer whose lease is read back proceeds; two writers that start
 within the same second may, rarely, both be refused — never both admitted in the common case of one starting
 while the other runs.

@@ -86,7 +86,7 @@ def s3(tmp_path_factory) -> S3Endpoint:
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto server did not start on port {port}: {log.read_text()[-2000:]}")
+                    raise RuntimeError(f"moto server did not start on port {port}: {log.read_text()[-2000:]}") from None
                 time.sleep(0.2)
         endpoint = S3Endpoint(url, S3_BUCKET)
         endpoint.client().create_bucket(Bucket=S3_BUCKET)

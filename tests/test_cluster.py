@@ -189,7 +189,8 @@ def test_pip_resolves_each_extra_to_one_faiss(tmp_path, extra):
     installs = {i["metadata"]["name"].lower().replace("_", "-"): i["metadata"]["version"]
                 for i in json.loads(report.read_text())["install"]}
     assert "torch" in installs and "ray" in installs
-    assert sorted(n for n in installs if n.startswith("faiss")) == {"cpu": ["faiss-cpu"], "gpu": ["faiss-gpu-cu12"]}[extra]
+    faiss = {"cpu": ["faiss-cpu"], "gpu": ["faiss-gpu-cu12"]}[extra]
+    assert sorted(n for n in installs if n.startswith("faiss")) == faiss
     assert _cuda_majors(installs) == {"cpu": {13}, "gpu": {12, 13}}[extra], sorted(installs)
     code = ("import sys, rayhash.index, rayhash.index.sharded, rayhash.index.build, rayhash.index.cli, "
             "rayhash.eval.evaluate; print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")

@@ -272,7 +272,8 @@ def test_file_names_that_map_to_one_key_keep_distinct_samples(tmp_path, ray_loca
     (cap / "captions.txt").write_text("image,caption\na.jpg,a dog\na.png,a cat\nb.jpg,a bird\n")
     doc = convert("captions", str(cap), str(tmp_path / "dsc"), val_fraction=0.0)
     rows = read_shards(load_dataset_info(tmp_path / "dsc").shard_paths("train"), mode="raw").take_all()
-    assert doc["splits"]["train"]["count"] == 3 and len({r["key"] for r in rows}) == 3 and "b" in {r["key"] for r in rows}
+    keys = {r["key"] for r in rows}
+    assert doc["splits"]["train"]["count"] == 3 and len(keys) == 3 and "b" in keys
 
 
 def test_cifar_archive_with_a_pickle_payload_is_refused_and_never_run(tmp_path):
@@ -398,7 +399,8 @@ def test_sample_without_image_is_skipped_and_counted_and_without_label_is_unlabe
 
 @pytest.mark.parametrize("change, message", [
     (lambda d: d.pop("splits"), r"missing field\(s\) \['splits'\]"),
-    (lambda d: d.update(format="rayhash-webdataset/9"), r"field 'format' is 'rayhash-webdataset/9'.*convert the data again"),
+    (lambda d: d.update(format="rayhash-webdataset/9"),
+     r"field 'format' is 'rayhash-webdataset/9'.*convert the data again"),
     (lambda d: d["splits"]["train"]["shards"][0].pop("file"), r"split 'train' needs a list 'shards'.*corrupt"),
     (lambda d: d.update(hierarchy="/etc/passwd"), r"field 'hierarchy'.*outside the folder"),
 ])

@@ -16,7 +16,8 @@ from rayhash.data.stream import read_shards, shard_urls, skip_counts
 from rayhash.data.synthetic import convert_synthetic
 
 __all__ = [
-    "CONVERTERS", "convert", "convert_cifar100", "convert_imagefolder", "convert_captions", "convert_synthetic", "embed_captions",
+    "CONVERTERS", "convert", "convert_cifar100", "convert_imagefolder", "convert_captions", "convert_synthetic",
+    "embed_captions",
     "DatasetInfo", "load_dataset_info", "read_shards", "collate_torch", "shard_urls", "skip_counts",
     "decode_image", "eval_transform", "train_transform", "IMAGE_MEAN", "IMAGE_STD",
 ]

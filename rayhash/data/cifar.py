@@ -78,13 +78,15 @@ def _download(root: str) -> str:
                       source="cifar-100-python.tar.gz or its extracted folder", limit="limit_per_class",
                       config="cifar100", demo_config="cifar100-cpu")
 def convert_cifar100(src: str | os.PathLike | None, out: str, shard_size: int = 5000,
-                     limit_per_class: int | dict[str, int] | None = None, splits: tuple[str, ...] | list[str] = ("train", "test"),
+                     limit_per_class: int | dict[str, int] | None = None,
+                     splits: tuple[str, ...] | list[str] = ("train", "test"),
                      download: bool = False) -> dict:
     """Convert CIFAR-100 to ``out/<split>/<split>-%06d.tar`` (PNG, lossless) + ``out/dataset.json``.
 
     ``src``: the official ``cifar-100-python.tar.gz`` or its extracted folder; with ``download=True`` a missing
     ``src`` is fetched through torchvision into ``src`` (or ``out/download``). ``limit_per_class`` (an int, or
-    ``{split: int}``) keeps the first N images of each fine class per split (tests, demos). Keys are ``<split>-<index in the pickle>``.
+    ``{split: int}``) keeps the first N images of each fine class per split (tests, demos). Keys are
+    ``<split>-<index in the pickle>``.
     Returns the ``dataset.json`` document.
     """
     out = str(out)

@@ -1,7 +1,8 @@
 """Writing WebDataset shards (parallel Ray tasks, atomic, resumable, byte-deterministic) and ``dataset.json``.
 
 Layout (file names in :class:`rayhash.layout.DatasetDir`): ``DS/<split>/<split>-%06d.tar`` + ``DS/dataset.json``;
-finished shards leave a done-marker ``DS/_progress/<split>-%06d.json`` (count, sha256, fingerprint of the shard's samples), so a re-run skips them.
+finished shards leave a done-marker ``DS/_progress/<split>-%06d.json`` (count, sha256, fingerprint of the shard's
+samples), so a re-run skips them.
 A sample is a *record* (``key``, ``cls``, ``json`` + a payload) turned into tar members by a ``make`` function
 inside the task, where the CPU work (PNG encoding, file reading, image synthesis) happens.
 """

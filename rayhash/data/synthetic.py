@@ -84,7 +84,7 @@ def convert_synthetic(out: str, superclasses: int = 4, classes_per_superclass: i
     result = {}
     for split_idx, (split, n) in enumerate(per_class.items()):
         records = []
-        for j in range(n):  # interleave classes so every shard holds all of them
+        for _ in range(n):  # interleave classes so every shard holds all of them
             for label in range(len(label_names)):
                 s, c = divmod(label, classes_per_superclass)
                 i = len(records)

@@ -119,7 +119,8 @@ def encode_dataset(checkpoint: str | os.PathLike, data: str | os.PathLike | Sequ
     """Encode a split's shards into ``OUT/codes-%05d.parquet`` (one per input tar) + ``OUT/codes.json``.
 
     Ray Data actor pool of ``concurrency`` encoders (default: one per GPU, else up to 4 CPU actors leaving a CPU
-    for reading), ``num_gpus`` per actor (default 1 when the cluster has GPUs, else 0). Resumable: outputs present from an earlier run are kept.
+    for reading), ``num_gpus`` per actor (default 1 when the cluster has GPUs, else 0). Resumable: outputs present
+    from an earlier run are kept.
     ``verify``: input tars that ``dataset.json`` describes are checked against its sha256 first (a changed tar is
     refused, naming it); without it, samples lost to a corrupt tar are counted as skipped.
     Returns the ``codes.json`` summary (bits, checkpoint, per-shard counts, skipped corrupt samples) plus

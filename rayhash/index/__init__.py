@@ -30,11 +30,11 @@ def _one_faiss() -> None:
 
 _one_faiss()
 
-from rayhash.index.build import build_index, read_manifest
-from rayhash.index.codes import CodeTable, read_code_file, read_codes, write_codes
-from rayhash.index.merge import RangeResult, SearchResult
-from rayhash.index.sharded import ShardedIndex
-from rayhash.index.types import INDEX_TYPES
+from rayhash.index.build import build_index, read_manifest  # noqa: E402  (after the one-faiss check)
+from rayhash.index.codes import CodeTable, read_code_file, read_codes, write_codes  # noqa: E402  (after the one-faiss check)
+from rayhash.index.merge import RangeResult, SearchResult  # noqa: E402  (after the one-faiss check)
+from rayhash.index.sharded import ShardedIndex  # noqa: E402  (after the one-faiss check)
+from rayhash.index.types import INDEX_TYPES  # noqa: E402  (after the one-faiss check)
 
 __all__ = ["INDEX_TYPES", "CodeTable", "RangeResult", "SearchResult", "ShardedIndex", "build_index",
            "read_code_file", "read_codes", "read_manifest", "write_codes"]

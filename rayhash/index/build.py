@@ -13,7 +13,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from rayhash import storage
-from rayhash.index.codes import CodeTable, check_keys, code_file_rows, list_code_files, read_code_file, read_codes_summary
+from rayhash.index.codes import (CodeTable, check_keys, code_file_rows, list_code_files, read_code_file,
+                                 read_codes_summary)
 from rayhash.index.types import INDEX_TYPES, check_params, default_params, make_faiss_index
 from rayhash.layout import IndexDir, IndexManifest
 from rayhash.runtime import get_logger

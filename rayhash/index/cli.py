@@ -23,7 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     index = subparsers.add_parser("index", help="build sharded FAISS binary indices",
                                   description="Sharded FAISS binary indices over code shards.")
     isub = index.add_subparsers(dest="index_command", metavar="<command>")
-    b = isub.add_parser("build", help="build (or --append to) an index from code shards", description=BUILD_HELP.format(types=INDEX_TYPES.describe()),
+    b = isub.add_parser("build", help="build (or --append to) an index from code shards",
+                        description=BUILD_HELP.format(types=INDEX_TYPES.describe()),
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("--codes", required=True, help="codes folder (codes-*.parquet) from `rayhash encode`, or URI")
     b.add_argument("--out", required=True, help="index folder (local path or s3:// gs:// URI)")
@@ -38,7 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--nhash", type=positive_int,
                    help="multihash, mih: number of hash tables (mih default: floor(bits / log2(n)) for the n codes "
                         "one search process holds, chosen when it loads them)")
-    b.add_argument("--nflip", type=nonnegative_int, help="hash/multihash: bit flips probed per table at k-NN search time")
+    b.add_argument("--nflip", type=nonnegative_int,
+                   help="hash/multihash: bit flips probed per table at k-NN search time")
     b.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     b.set_defaults(func=_build)
     index.set_defaults(func=lambda args: index.print_help() or 2)

@@ -1,4 +1,5 @@
-"""Parquet code shards (file names in :class:`rayhash.layout.CodesDir`): ``codes-%05d.parquet`` with ``key`` (string), ``code`` (fixed_size_binary d/8), ``label``
+"""Parquet code shards (file names in :class:`rayhash.layout.CodesDir`): ``codes-%05d.parquet`` with ``key``
+(string), ``code`` (fixed_size_binary d/8), ``label``
 (int32, -1 when unlabelled), plus ``codes.json`` (bits, checkpoint, per-shard counts, skipped corrupt inputs)."""
 from __future__ import annotations
 

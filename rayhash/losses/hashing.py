@@ -36,7 +36,8 @@ class HashingLoss(nn.Module):
     ``kl_distance`` (l2 | l1), ``kl_block`` bits per block and ``kl_tc`` (blockwise), and an optional queue of
     the last ``kl_queue`` detached outputs that enlarges the output sample (a FIFO kept on the module); every
     estimator uses the queue in its entropy term.
-    ``label_smoothing`` of the CE term. All terms are computed in (at least) float32 whatever the surrounding autocast (bf16 rounds tanh outputs near ±1 and turns
+    ``label_smoothing`` of the CE term. All terms are computed in (at least) float32 whatever the surrounding
+    autocast (bf16 rounds tanh outputs near ±1 and turns
     the estimator's small distances into ties).
     Under DDP (torch.distributed initialised) L_sim and L_KL use the global batch (``all_gather_with_grad``) and
     their gradient is multiplied by world_size, which DDP's gradient averaging divides out again;
@@ -79,7 +80,8 @@ class HashingLoss(nn.Module):
                 target_distance: torch.Tensor | None = None, embeddings: torch.Tensor | None = None,
                 generator: torch.Generator | None = None, beta: float | None = None,
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Return ``(total, terms)``; ``terms`` holds detached 0-dim (at least float32) tensors ``loss, ce, sim, kl`` (``float()``
+        """Return ``(total, terms)``; ``terms`` holds detached 0-dim (at least float32) tensors
+        ``loss, ce, sim, kl`` (``float()``
         them to log). Targets, in order of precedence: ``target_distance`` (for the gathered batch), caption
         ``embeddings``, or ``labels`` with the ``similarity`` matrix; none -> no L_sim. ``beta`` overrides the
         constructor's β for this call (a schedule)."""

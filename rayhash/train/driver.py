@@ -162,7 +162,8 @@ def _check_resume_config(config: RunConfig, store: str) -> None:
         return
     old = RunConfig.model_validate(yaml.safe_load(storage.read_bytes(saved))).model.model_dump()
     new = config.model.model_dump()
-    differ = [f"model.{k}: checkpoint {old[k]!r}, now {new[k]!r}" for k in new if k != "pretrained" and old[k] != new[k]]
+    differ = [f"model.{k}: checkpoint {old[k]!r}, now {new[k]!r}" for k in new
+              if k != "pretrained" and old[k] != new[k]]
     if differ:
         raise ValueError(f"--resume: the run's latest checkpoint ({saved}) was trained with other model settings "
                          f"({'; '.join(differ)}); resume with the checkpoint's settings, or train into a new --out")
