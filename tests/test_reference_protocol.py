@@ -166,7 +166,8 @@ def test_training_validation_metrics_equal_brute_force(k, map_k, radius):
     z = bits * np.float32(0.9)  # |z| = 0.9: quantisation error 0.1 exactly
     m = reference_metrics(z, q.labels, S, k, map_k, radius)
     ref = _brute_force(q.codes, q.labels, k, map_k, radius)
-    kk, mk = min(k, N - 1), min(map_k, N - 1)
+    kk, mk = k, map_k  # names keep the k asked for; capped at N - 1 inside (the brute force caps too)
+    assert m["n"] == N
     assert m[f"mAHP@{kk}"] == pytest.approx(ref["ahp"].mean(), rel=1e-9)
     assert abs(m[f"mAHP@{kk}_expected"] - ref["ahp_mc"].mean()) < 5 * ref["ahp_se"].max() + 1e-9
     assert m[f"mAP@{mk}"] == pytest.approx(ref["ap"].mean(), rel=1e-9)
@@ -195,3 +196,16 @@ def test_band_references():
     rand = random_codes_mahp(labels, S, 16, k=30)
     assert ideal == pytest.approx(29 / 30)  # a perfect ranking scores (k-1)/k
     assert rand < flat < ideal
+
+
+def test_constant_bits_count_as_correlated_without_a_numpy_warning():
+    import warnings
+
+    from rayhash.metrics import code_statistics
+
+    z = np.ones((6, 4), np.float32)
+    z[:3, 0] = -1  # bit 0 varies, bits 1-3 are constant
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "invalid value encountered in divide" would raise here
+        stats = code_statistics(z)
+    assert stats["bit_correlation"] == pytest.approx(1.0)

@@ -221,7 +221,7 @@ def caption_metrics(idx, q, emb_path: str, k: int = 250):
         raise ValueError(f"{emb_path}: no caption embedding for {len(missing)} keys (e.g. {missing[0]!r}); "
                          "re-run `rayhash data embed-captions` on this dataset")
     qe, dbe = lookup(q.keys), lookup(db_keys)
-    k = min(k, len(db_keys) - int(np.isin(q.keys, db_keys).any()))
+    name, k = f"mAHP@{k}", min(k, len(db_keys) - int(np.isin(q.keys, db_keys).any()))  # the name keeps the k asked
     top = rank(idx, q, k)
     ranked_sims = np.zeros(top.keys.shape)
     valid = top.keys != ""
@@ -232,7 +232,7 @@ def caption_metrics(idx, q, emb_path: str, k: int = 250):
     best = np.cumsum(-np.sort(-all_sims, axis=1)[:, :k], axis=1)
     hp = hierarchical_precision_values(ranked_sims, best, k)
     ahp = trapezoid_ahp(hp, k)
-    return {f"mAHP@{k}": float(ahp.mean()), "_hp_curve": hp.mean(axis=0)}, {f"AHP@{k}": ahp}
+    return {name: float(ahp.mean()), "_hp_curve": hp.mean(axis=0)}, {name[1:]: ahp}
 
 
 # ------------------------------------------------------------------------------------------ outputs
