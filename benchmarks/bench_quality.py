@@ -13,7 +13,8 @@ quantisation error, bit balance and mean |bit correlation|, framed by two refere
     .venv/bin/python benchmarks/bench_quality.py --variants b --seeds 0,1,2           # the full CPU recipe
 
 Every finished run is appended to ``--results`` (JSON lines) at once, and runs already there are skipped, so a long
-study survives interruption and can be run in the background.
+study survives interruption and can be run in the background; ``benchmarks/results/*.jsonl`` holds the committed
+runs of the README's tables (pass one as ``--results`` to add seeds to it).
 """
 from __future__ import annotations
 
@@ -56,8 +57,15 @@ def _run(args, ds: str, variant: str, seed: int, work: str) -> dict:
     t0 = time.perf_counter()
     last = train(cfg, tempfile.mkdtemp(dir=work, prefix=f"{variant}-{seed}-")).metrics[-1]
     metrics = {key.removeprefix("val_"): v for key, v in last.items() if key.startswith("val_")}
-    return {"variant": variant, "name": name, "seed": seed, "set": args.set, "config": args.config,
+    return {"variant": variant, "name": name, "seed": seed, "set": args.set, "config": _config_name(args.config),
             "seconds": time.perf_counter() - t0, "epochs": cfg.train.epochs, **metrics}
+
+
+def _config_name(path: str) -> str:
+    """A config's name in the results file: relative to the checkout for shipped configs (so a results file
+    committed in one checkout resumes in another), else the absolute path."""
+    root = os.path.abspath(os.path.join(HERE, ".."))
+    return os.path.relpath(path, root) if os.path.abspath(path).startswith(root + os.sep) else os.path.abspath(path)
 
 
 def _table(rows: list[dict], refs: dict[str, list[float]]) -> str:
@@ -105,10 +113,11 @@ def main() -> None:
     info = load_dataset_info(ds)
     done = [json.loads(x) for x in open(results)] if os.path.exists(results) else []
     key = lambda r: (r["variant"], r["seed"], tuple(r["set"]), r["config"])  # noqa: E731
+    config_name = _config_name(args.config)
     t_start = time.perf_counter()
     for seed in (int(s) for s in args.seeds.split(",")):  # every variant's first seed first: a paired comparison
         for variant in args.variants.split(","):
-            if any(key(r) == (variant, seed, tuple(args.set), args.config) for r in done):
+            if any(key(r) == (variant, seed, tuple(args.set), config_name) for r in done):
                 continue
             row = _run(args, ds, variant, seed, work)
             done.append(row)
@@ -116,7 +125,7 @@ def main() -> None:
                 f.write(json.dumps(row) + "\n")
             print(f"done ({variant}) seed {seed}: mAHP@250 {row.get('mAHP@250', float('nan')):.4f} "
                   f"in {row['seconds']:.0f} s", flush=True)
-    rows = [r for r in done if tuple(r["set"]) == tuple(args.set) and r["config"] == args.config]
+    rows = [r for r in done if tuple(r["set"]) == tuple(args.set) and r["config"] == config_name]
     labels = np.concatenate([b["label"] for b in read_shards(os.path.join(ds, "test"), mode="eval").select_columns(
         ["label"]).iter_batches(batch_size=4096, batch_format="numpy")])
     S = info.similarity_matrix()
