@@ -104,7 +104,7 @@ def merge_topk(parts: list[tuple[np.ndarray, ...]], k: int) -> tuple[np.ndarray,
     return select_topk(d, keys, labels, k)
 
 
-def merge_ranges(parts: list[tuple[np.ndarray, ...]], nq: int) -> tuple[np.ndarray, ...]:
+def merge_ranges(parts: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
     """Merge per-part range results ``(qid, distances, keys, labels)`` sorted by (query, distance, key)."""
     qid, d, keys, labels = (np.concatenate([p[i] for p in parts]) for i in range(4))
     order = np.lexsort((keys, d, qid))

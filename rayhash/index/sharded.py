@@ -225,7 +225,7 @@ class ShardedIndex:
         if self._group is not None:
             parts = self._group.range_search(q, radius)
         else:
-            parts = merge_ranges(self._fan_out("range_search", q, radius), len(q))
+            parts = merge_ranges(self._fan_out("range_search", q, radius))
         return dataclasses.replace(ranges_to_result(*parts, len(q)), label_names=self.label_names)
 
     def _check_encoder(self):
