@@ -20,14 +20,10 @@ def convert(dataset: str, source: str | None, ds_dir: str, shard_size: int | Non
             limit: int | None = None) -> dict:
     """Convert raw data into WebDataset shards (resumable: finished shards are kept). ``limit`` caps images per
     class (cifar100, imagefolder) or images (captions), for quick runs; ``cifar100`` without a source downloads."""
-    from rayhash.data import CONVERTERS, convert as run_converter
+    from rayhash.data import convert as run_converter
+    from rayhash.data.convert import limit_option
 
-    conv = CONVERTERS[dataset]
-    options = {"shard_size": shard_size}
-    if limit is not None:
-        if not conv.limit:
-            raise ValueError(f"--limit: the {dataset} converter takes no limit")
-        options[conv.limit] = limit
+    options = {"shard_size": shard_size, **limit_option(dataset, limit)}
     if source is None and dataset == "cifar100":
         options["download"] = True
     return run_converter(dataset, source, ds_dir, **options)

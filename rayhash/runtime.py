@@ -114,18 +114,25 @@ def quiet_worker_logs() -> None:
 
 
 def _quiet_ray_data() -> None:
-    """Ray Data's per-operator progress bars are noise for our own bars; keep the global one."""
+    """Ray Data's progress output (per-operator bars, and off a terminal a ``Total Progress: 0/?`` log block per
+    dataset) and its per-dataset INFO lines (execution plan, log folder) are noise beside rayhash's own bars, which
+    count the samples each stage knows it will read; its warnings and errors still show."""
     try:
         from ray.data import DataContext
 
         ctx = DataContext.get_current()
         ctx.enable_operator_progress_bars = False
+        ctx.enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled"
     except Exception:  # older Ray: nothing to quiet
         pass
 
 
-def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", unit: str = "it") -> Iterable[T]:
-    """A tqdm progress bar on stderr (disabled when ``RAYHASH_PROGRESS=0``)."""
+def progress(iterable: Iterable[T] | None, total: int | None = None, desc: str = "",
+             unit: str = "it") -> Iterable[T]:
+    """A tqdm progress bar on stderr (disabled when ``RAYHASH_PROGRESS=0``); ``iterable=None``: a bar moved by
+    ``.update(n)``."""
     from tqdm.auto import tqdm
 
     disable = os.environ.get("RAYHASH_PROGRESS", "1") == "0"

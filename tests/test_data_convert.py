@@ -320,3 +320,21 @@ def test_imagefolder_standin_files_cifar_classes_under_their_wordnet_synsets(tmp
     S = info.similarity_matrix()
     tiger, leopard, bicycle, tulip = names["tiger"], names["leopard"], names["bicycle"], names["tulip"]
     assert S[tiger, leopard] > S[tiger, bicycle] and S[tiger, leopard] > S[tiger, tulip]
+
+
+def test_one_limit_option_for_every_converter():
+    """`data convert --limit` (old name --limit-per-class still accepted) sets each converter's own limit option,
+    as `rayhash demo --limit` does; a converter without one refuses it by name."""
+    import argparse
+
+    from rayhash.data import cli
+    from rayhash.data.convert import limit_option
+
+    assert limit_option("cifar100", 3) == {"limit_per_class": 3} and limit_option("captions", 5) == {"limit": 5}
+    assert limit_option("synthetic", None) == {}
+    with pytest.raises(ValueError, match="synthetic converter takes no limit"):
+        limit_option("synthetic", 2)
+    parser = argparse.ArgumentParser(prog="rayhash")
+    cli.register(parser.add_subparsers(dest="command"))
+    for flag in ("--limit", "--limit-per-class"):
+        assert parser.parse_args(["data", "convert", "captions", "SRC", "--out", "DS", flag, "4"]).limit == 4

@@ -114,8 +114,7 @@ def test_resume_state_holding_a_pickle_payload_is_refused_and_never_run(tmp_path
 
 @pytest.mark.parametrize("argv, option, rule", [
     (["data", "convert", "synthetic", "--out", "DS", "--shard-size", "0"], "--shard-size", "at least 1"),
-    (["data", "convert", "cifar100", "SRC", "--out", "DS", "--limit-per-class", "-1"], "--limit-per-class",
-     "at least 1"),
+    (["data", "convert", "cifar100", "SRC", "--out", "DS", "--limit", "-1"], "--limit", "at least 1"),
     (["data", "convert", "captions", "SRC", "--out", "DS", "--val-fraction", "1.0"], "--val-fraction", "below 1"),
     (["data", "convert", "captions", "SRC", "--out", "DS", "--val-fraction", "-0.1"], "--val-fraction", "at least 0"),
     (["data", "convert", "synthetic", "--out", "DS", "--per-class", "5", "0"], "--per-class", "at least 1"),

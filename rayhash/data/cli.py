@@ -26,7 +26,9 @@ def register(subparsers) -> None:
     c.add_argument("src", nargs="?", default=None, help="source archive/folder/file (not for synthetic)")
     c.add_argument("--out", required=True, help="output dataset folder DS (local path or s3://, gs:// URI)")
     c.add_argument("--shard-size", type=positive_int, default=None, help="samples per shard (default per kind)")
-    c.add_argument("--limit-per-class", type=positive_int, default=None, help="keep N images per class (tests, demos)")
+    c.add_argument("--limit", "--limit-per-class", dest="limit", type=positive_int, default=None,
+                   help="keep N images per class (cifar100, imagefolder) or N images (captions), for tests and "
+                        "demos; --limit-per-class is its old, deprecated name")
     c.add_argument("--download", action="store_true", default=None,
                    help="cifar100: download through torchvision if SRC is missing")
     c.add_argument("--class-index", default=None, help="imagefolder: imagenet_class_index.json (order + names)")
@@ -60,12 +62,14 @@ def _wordnet(args) -> int:
 
 def _convert(args) -> int:
     from rayhash import data
+    from rayhash.data.convert import limit_option
     from rayhash.runtime import init_ray
 
+    limit = limit_option(args.kind, args.limit)  # refused before Ray starts
     init_ray(args.address)
     per_class = {"train": args.per_class[0], "test": args.per_class[1]} if args.per_class else None
-    doc = data.convert(args.kind, args.src, args.out, shard_size=args.shard_size,
-                       limit_per_class=args.limit_per_class, download=args.download, class_index=args.class_index,
+    doc = data.convert(args.kind, args.src, args.out, shard_size=args.shard_size, **limit,
+                       download=args.download, class_index=args.class_index,
                        val_labels=args.val_labels, images=args.images, val_fraction=args.val_fraction,
                        per_class=per_class, image_size=args.image_size)
     for split, entry in doc["splits"].items():

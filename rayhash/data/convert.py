@@ -41,3 +41,13 @@ def convert(kind: str, src: str | os.PathLike | None, out: str | os.PathLike, **
         if conv.source is None:
             return conv.target(ds.path, **given)
         return conv.target(src, ds.path, **given)
+
+
+def limit_option(kind: str, limit: int | None) -> dict[str, int]:
+    """The converter option that ``--limit`` sets (images per class, or images), as ``{name: limit}``."""
+    if limit is None:
+        return {}
+    conv = CONVERTERS[kind]
+    if not conv.limit:
+        raise ValueError(f"--limit: the {kind} converter takes no limit")
+    return {conv.limit: limit}

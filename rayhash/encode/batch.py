@@ -139,7 +139,7 @@ def _encode(checkpoint: str, data, codes: CodesDir, batch_size: int, concurrency
 
     from rayhash.data import read_shards, shard_urls
     from rayhash.model import load_checkpoint
-    from rayhash.runtime import cluster_gpus, cluster_has_gpus, init_ray, require_cpu_headroom
+    from rayhash.runtime import cluster_gpus, cluster_has_gpus, init_ray, progress, require_cpu_headroom
 
     out = codes.path
     loaded = load_checkpoint(checkpoint)
@@ -183,10 +183,13 @@ def _encode(checkpoint: str, data, codes: CodesDir, batch_size: int, concurrency
         ds.context.execution_options.preserve_order = True
         writer = _ShardWriter([(i, urls[i], outputs[i], *records[i]) for i in todo], bits, checkpoint, loaded.digest,
                               hooks)
+        bar = progress(None, total=sum(records[i][0] for i in todo), desc="encode", unit="img")
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             first = first or time.perf_counter() - t0
             encoded += len(batch["key"])
+            bar.update(len(batch["key"]))
             writer.add(batch)
+        bar.close()
         skipped.update(writer.finish())
     summary = _write_summary(out, outputs, urls, skipped, bits, checkpoint, loaded.digest, data, loaded.label_names)
     seconds = time.perf_counter() - t0
