@@ -91,6 +91,8 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     p.add_argument("--limit", type=int, default=None, help="images per class and split (default: all)")
     p.add_argument("--results", default=None, help="JSON-lines file of finished runs (default: a temp folder)")
+    p.add_argument("--table-only", action="store_true",
+                   help="train nothing: print the table of the runs already in --results")
     p.add_argument("--work", default=None, help="folder for the dataset and runs (default: a temp folder)")
     args = p.parse_args()
     args.config = os.path.abspath(args.config)
@@ -115,7 +117,7 @@ def main() -> None:
     key = lambda r: (r["variant"], r["seed"], tuple(r["set"]), r["config"])  # noqa: E731
     config_name = _config_name(args.config)
     t_start = time.perf_counter()
-    for seed in (int(s) for s in args.seeds.split(",")):  # every variant's first seed first: a paired comparison
+    for seed in ([] if args.table_only else (int(s) for s in args.seeds.split(","))):  # each variant's seed 0 first
         for variant in args.variants.split(","):
             if any(key(r) == (variant, seed, tuple(args.set), config_name) for r in done):
                 continue
