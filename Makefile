@@ -7,7 +7,7 @@ DATA    ?=
 LIMIT   ?=
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench gpu-check clean
+.PHONY: install lint test demo bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,10 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-test: install
+lint: install  # ruff, configured in pyproject.toml; `make test` runs it first and stops on a lint error
+	$(VENV)/bin/ruff check .
+
+test: install lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: install

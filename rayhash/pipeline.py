@@ -115,7 +115,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                             + "; ".join(f"{k.name} (config {k.config})" for k in CONVERTERS))
         p.add_argument("--data", default=None, help="raw data for the converter (cifar100: empty = download)")
         p.add_argument("--config", default=None,
-                       help="YAML config or shipped config name (`rayhash config show`; default for demo: demo, cifar100: "
+                       help="YAML config or shipped config name (`rayhash config show`; "
+                            "default for demo: demo, cifar100: "
                             "cifar100-cpu; for pipeline: the dataset's config)")
         p.add_argument("--out", default=f"runs/{name}", help="output folder (default: %(default)s)")
         p.add_argument("--index-shards", type=positive_int, default=2, help="index shards (default: %(default)s)")

@@ -6,6 +6,8 @@ import os
 import sys
 from typing import Iterable, TypeVar
 
+from rayhash import settings
+
 T = TypeVar("T")
 
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -18,7 +20,7 @@ def get_logger(name: str) -> logging.Logger:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(_LOG_FORMAT, "%H:%M:%S"))
         root.addHandler(handler)
-        root.setLevel(os.environ.get("RAYHASH_LOG_LEVEL", "INFO"))
+        root.setLevel(settings.LOG_LEVEL.get())
         root.propagate = False
     return logging.getLogger(name if name.startswith("rayhash") else f"rayhash.{name}")
 
@@ -33,10 +35,10 @@ def ray_address(address: str | None = None) -> str | None:
         raise ValueError(f"--address {address}: a Jobs API URL is for `rayhash submit`; a command run here takes a "
                          "Ray cluster address (HOST:6379, ray://HOST:10001 or auto), or none for a private local "
                          "Ray instance")
-    env = os.environ.get("RAYHASH_ADDRESS")
+    env = settings.ADDRESS.get()
     if env and env.startswith(("http://", "https://")):
         env = None
-    return address or env or os.environ.get("RAY_ADDRESS") or None
+    return address or env or settings.RAY_ADDRESS.get() or None
 
 
 def init_ray(address: str | None = None, **kwargs) -> None:
@@ -90,7 +92,7 @@ def _remove_private_instance(temp: str) -> None:
     import ray
 
     ray.shutdown()
-    if not os.environ.get("RAYHASH_DEBUG"):
+    if not settings.DEBUG.is_set():
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -135,7 +137,7 @@ def progress(iterable: Iterable[T] | None, total: int | None = None, desc: str =
     ``.update(n)``."""
     from tqdm.auto import tqdm
 
-    disable = os.environ.get("RAYHASH_PROGRESS", "1") == "0"
+    disable = settings.PROGRESS.get() == "0"
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True)
 
 

@@ -75,6 +75,8 @@ HF_HUB_OFFLINE = _s("HF_HUB_OFFLINE", None, "1: never reach the Hugging Face hub
 HF_HOME = _s("HF_HOME", None, "Hugging Face cache folder", True, owner="huggingface")
 TOKENIZERS_PARALLELISM = _s("TOKENIZERS_PARALLELISM", None, "false: quiet the tokenizers fork warning", True,
                             owner="huggingface")
+RAY_AUTH_MODE = _s("RAY_AUTH_MODE", None, "Ray's token authentication; a private local instance sets `disabled` "
+                   "unless it is set (rayhash.runtime)", False, owner="ray")
 RAY_TRAIN_V2 = _s("RAY_TRAIN_V2_ENABLED", None, "1: Ray Train's v2 controller (what rayhash is tested with)", True,
                   owner="ray")
 

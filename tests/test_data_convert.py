@@ -152,7 +152,7 @@ def test_flickr_captions_and_embeddings(tmp_path, ray_local):
                     if m.name.endswith(".json"):
                         docs[(split, m.name[:-5])] = json.loads(tar.extractfile(m).read())
     assert len({k for _, k in docs}) == 24  # train and val disjoint
-    for (_, key), doc in docs.items():
+    for doc in docs.values():
         assert len(doc["captions"]) == 5 and doc["captions"] == ref[doc["source"]]
     assert any("," in c for d in docs.values() for c in d["captions"])  # commas inside captions survived
 
@@ -222,7 +222,8 @@ def test_resume_after_real_kill(tmp_path, ray_local):
     try:
         while time.time() < deadline and len(list((ds / "_progress").glob("train-*.json"))) < 2:
             if proc.poll() is not None:
-                pytest.fail("conversion ended before it could be killed:\n" + (tmp_path / "child.log").read_text()[-3000:])
+                log = (tmp_path / "child.log").read_text()[-3000:]
+                pytest.fail("conversion ended before it could be killed:\n" + log)
             time.sleep(0.02)
     finally:
         if proc.poll() is None:
