@@ -90,6 +90,12 @@ def test_resume_continues_and_killed_worker_restarts_from_last_checkpoint(
     assert [h["epoch"] for h in second.metrics] == [0, 1]
     assert second.metrics[0] == first.metrics[0]  # epoch 0 was not re-run
     assert second.metrics[-1]["step"] == 24
+    # the logged lr is the last step's (cosine to 0 at the end: the last step's is small but not 0)
+    from rayhash.train.loop import lr_lambda
+
+    cfg2 = train_tiny_config(data_synthetic_small, "train.epochs=2")
+    expect_lr = cfg2.train.lr * lr_lambda(round(cfg2.train.warmup_epochs * 12), 24, cfg2.train.min_lr_ratio)(23)
+    assert second.metrics[-1]["lr"] == pytest.approx(expect_lr) and expect_lr > 0
     assert json.loads((run / "final" / "meta.json").read_text())["epoch"] == 1
 
 

@@ -217,7 +217,9 @@ def train_loop_per_worker(plan: WorkerPlan) -> list[dict]:
         sums, n_steps, seen = _run_epoch(batches, steps_per_epoch, step, (model, opt, sched, loss_fn), config,
                                          plan, rank, gen, autocast)
         step += n_steps
-        metrics = {"epoch": epoch, "step": step, "lr": sched.get_last_lr()[0], **_reduce_mean(sums, n_steps, device),
+        lr = sched.base_lrs[0] * sched.lr_lambdas[0](max(0, sched.last_epoch - 1))  # the epoch's last step's, not
+        # the next one's (which the schedule's final step sets to its floor, often 0)
+        metrics = {"epoch": epoch, "step": step, "lr": lr, **_reduce_mean(sums, n_steps, device),
                    "steps_per_s": n_steps / max(1e-9, time.perf_counter() - t0), "workers": world}
         hooks.train_epoch(rank, epoch, seen, ray.get_runtime_context().get_node_id())
         last = epoch == t.epochs - 1
@@ -225,7 +227,7 @@ def train_loop_per_worker(plan: WorkerPlan) -> list[dict]:
             metrics.update(validate(getattr(model, "module", model), val, similarity, config.validation.k, device))
         history = [h for h in history if h["epoch"] < epoch] + [metrics]
         if rank == 0:
-            log.info("epoch %d/%d: %s", epoch + 1, t.epochs,
+            log.info("epoch %d (%d of %d): %s", epoch, epoch + 1, t.epochs,  # 0-based, as in metrics.jsonl
                      " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
             _write_history(plan.metrics_path, history)
             if writer:
