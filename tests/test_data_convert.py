@@ -339,3 +339,20 @@ def test_one_limit_option_for_every_converter():
     cli.register(parser.add_subparsers(dest="command"))
     for flag in ("--limit", "--limit-per-class"):
         assert parser.parse_args(["data", "convert", "captions", "SRC", "--out", "DS", flag, "4"]).limit == 4
+
+
+def test_each_converter_help_lists_only_its_own_options(capsys):
+    """`rayhash data convert KIND --help` shows the options KIND's converter takes (from its signature), not every
+    converter's: cifar100 has --download and no --per-class, synthetic the reverse and no SRC."""
+    from rayhash.cli import main
+
+    def usage(kind):
+        with pytest.raises(SystemExit):
+            main(["data", "convert", kind, "--help"])
+        return capsys.readouterr().out
+
+    cifar, synthetic, captions = usage("cifar100"), usage("synthetic"), usage("captions")
+    assert "--download" in cifar and "--per-class" not in cifar and "--val-fraction" not in cifar
+    assert "--per-class" in synthetic and "--download" not in synthetic and "[src]" not in synthetic
+    assert "--val-fraction" in captions and "--images" in captions and "--download" not in captions
+    assert "--limit" in cifar and "--limit" in captions and "--limit" not in synthetic

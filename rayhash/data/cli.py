@@ -21,26 +21,28 @@ def register(subparsers) -> None:
     c = sub.add_parser("convert", formatter_class=argparse.RawDescriptionHelpFormatter,
                        help="convert a dataset to WebDataset shards + dataset.json",
                        description="Write DS/<split>/<split>-%06d.tar + DS/dataset.json, in parallel with Ray tasks; "
-                                   "re-running skips finished shards.\n\nKINDS:\n" + CONVERTERS.describe())
-    c.add_argument("kind", choices=CONVERTERS.names(), metavar="KIND", help="one of: " + ", ".join(CONVERTERS.names()))
-    c.add_argument("src", nargs="?", default=None, help="source archive/folder/file (not for synthetic)")
-    c.add_argument("--out", required=True, help="output dataset folder DS (local path or s3://, gs:// URI)")
-    c.add_argument("--shard-size", type=positive_int, default=None, help="samples per shard (default per kind)")
-    c.add_argument("--limit", "--limit-per-class", dest="limit", type=positive_int, default=None,
-                   help="keep N images per class (cifar100, imagefolder) or N images (captions), for tests and "
-                        "demos; --limit-per-class is its old, deprecated name")
-    c.add_argument("--download", action="store_true", default=None,
-                   help="cifar100: download through torchvision if SRC is missing")
-    c.add_argument("--class-index", default=None, help="imagefolder: imagenet_class_index.json (order + names)")
-    c.add_argument("--val-labels", default=None, help="imagefolder: label file of a flat val folder")
-    c.add_argument("--images", default=None, help="captions: images folder (default: SRC/images)")
-    c.add_argument("--val-fraction", type=fraction, default=None,
-                   help="captions: fraction of images in split val (default 0.1)")
-    c.add_argument("--per-class", type=positive_int, nargs=2, default=None, metavar=("TRAIN", "TEST"),
-                   help="synthetic: images per class in train and test (default 30 10)")
-    c.add_argument("--image-size", type=positive_int, default=None, help="synthetic: image size (default 32)")
-    c.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
-    c.set_defaults(func=_convert)
+                                   "re-running skips finished shards. `rayhash data convert KIND --help` lists a "
+                                   "kind's own options.\n\nKINDS:\n" + CONVERTERS.describe())
+    kinds = c.add_subparsers(dest="kind", metavar="KIND")
+    c.set_defaults(func=lambda args: c.print_help() or 2)
+    for conv in CONVERTERS:
+        k = kinds.add_parser(conv.name, help=conv.help, description=f"{conv.help}.")
+        if conv.source:
+            k.add_argument("src", nargs="?", default=None, help=f"SRC: {conv.source}")
+        k.add_argument("--out", required=True, help="output dataset folder DS (local path or s3://, gs:// URI)")
+        takes = _converter_options(conv)
+        if "shard_size" in takes:
+            k.add_argument("--shard-size", type=positive_int, default=None,
+                           help=f"samples per shard (default: {takes['shard_size']})")
+        if conv.limit:
+            what = "images per class" if conv.limit == "limit_per_class" else "images"
+            k.add_argument("--limit", "--limit-per-class", dest="limit", type=positive_int, default=None,
+                           help=f"keep N {what}, for tests and demos (--limit-per-class: its old, deprecated name)")
+        for name, (flags, kwargs) in _KIND_OPTIONS.items():
+            if name in takes:
+                k.add_argument(*flags, dest=name, default=None, **kwargs)
+        k.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
+        k.set_defaults(func=_convert)
 
     e = sub.add_parser("embed-captions", help="sentence-embed every image's captions into Parquet key -> embedding")
     e.add_argument("ds", help="dataset folder DS (made by `rayhash data convert captions`)")
@@ -51,6 +53,28 @@ def register(subparsers) -> None:
     e.add_argument("--overwrite", action="store_true", help="redo an existing output")
     e.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
     e.set_defaults(func=_embed)
+
+
+# Options only some converters take: each kind's parser offers those in its converter's signature.
+_KIND_OPTIONS = {
+    "download": (("--download",), {"action": "store_true", "help": "download through torchvision if SRC is missing"}),
+    "class_index": (("--class-index",), {"help": "imagenet_class_index.json (class order + names)"}),
+    "val_labels": (("--val-labels",), {"help": "label file of a flat val folder"}),
+    "images": (("--images",), {"help": "images folder (default: SRC/images)"}),
+    "val_fraction": (("--val-fraction",), {"type": fraction, "help": "fraction of images in split val, chosen "
+                                                                     "by key hash (default 0.1)"}),
+    "per_class": (("--per-class",), {"type": positive_int, "nargs": 2, "metavar": ("TRAIN", "TEST"),
+                                     "help": "images per class in train and test (default 30 10)"}),
+    "image_size": (("--image-size",), {"type": positive_int, "help": "image size in pixels (default 32)"}),
+}
+
+
+def _converter_options(conv) -> dict:
+    """The converter's keyword options and their defaults (its signature is the one list)."""
+    import inspect
+
+    return {n: p.default for n, p in inspect.signature(conv.target).parameters.items()
+            if n not in ("src", "root", "out")}
 
 
 def _wordnet(args) -> int:
@@ -65,13 +89,12 @@ def _convert(args) -> int:
     from rayhash.data.convert import limit_option
     from rayhash.runtime import init_ray
 
-    limit = limit_option(args.kind, args.limit)  # refused before Ray starts
+    limit = limit_option(args.kind, getattr(args, "limit", None))  # refused before Ray starts
+    options = {name: getattr(args, name) for name in (*_KIND_OPTIONS, "shard_size") if hasattr(args, name)}
+    if options.get("per_class"):
+        options["per_class"] = {"train": options["per_class"][0], "test": options["per_class"][1]}
     init_ray(args.address)
-    per_class = {"train": args.per_class[0], "test": args.per_class[1]} if args.per_class else None
-    doc = data.convert(args.kind, args.src, args.out, shard_size=args.shard_size, **limit,
-                       download=args.download, class_index=args.class_index,
-                       val_labels=args.val_labels, images=args.images, val_fraction=args.val_fraction,
-                       per_class=per_class, image_size=args.image_size)
+    doc = data.convert(args.kind, getattr(args, "src", None), args.out, **limit, **options)
     for split, entry in doc["splits"].items():
         print(f"{split}: {entry['count']} samples in {len(entry['shards'])} shards")
     return 0
