@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     from rayhash.encode import encode_dataset
 
     os.environ["RAYHASH_PROGRESS"] = "0"
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     root = tempfile.mkdtemp(prefix="bench-encode-")
     data = make_dataset(root, args.per_class, args.shard_size)
     ckpt = make_checkpoint(root, data, args.backbone, args.bits, args.width, args.image_size)

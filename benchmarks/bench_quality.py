@@ -109,7 +109,7 @@ def main() -> None:
 
     work = args.work or tempfile.mkdtemp(prefix="bench-quality-")
     results = args.results or os.path.join(work, "results.jsonl")
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     ds = os.path.join(work, "cifar")
     convert_cifar100(args.cifar, ds, limit_per_class=args.limit)
     info = load_dataset_info(ds)
