@@ -45,6 +45,11 @@ class DatasetInfo:
             raise ValueError(f"{self.dir.info}: no split {split!r} (have: {sorted(self.splits)})")
         return [self.dir.member(s["file"], INFO) for s in self.splits[split]["shards"]]
 
+    def shard_records(self) -> dict[str, tuple[int, str]]:
+        """{full path/URI: (samples, sha256)} of every shard of every split that records both."""
+        return {self.dir.member(s["file"], INFO): (int(s["count"]), s["sha256"])
+                for split in self.splits.values() for s in split["shards"] if "count" in s and "sha256" in s}
+
     def verify(self, split: str, address: str | None = None) -> None:
         """Check every shard of ``split`` against the sha256 that ``rayhash data convert`` recorded; see
         :func:`verify_shards`."""

@@ -87,8 +87,7 @@ def _shard_records(data: str | Sequence[str], urls: list[str]) -> tuple[list[tup
 
         try:
             info = load_dataset_info(str(data))
-            known = {storage.join(info.root, s["file"]): (int(s["count"]), s["sha256"])
-                     for split in info.splits.values() for s in split["shards"] if "count" in s and "sha256" in s}
+            known = info.shard_records()
             info_path = str(info.dir.info)
         except (FileNotFoundError, ValueError):
             pass
