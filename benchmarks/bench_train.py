@@ -115,14 +115,16 @@ def ray_loop(config, images, labels, S, num_classes, workdir):
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    import functools
+
     from rayhash.train.driver import _entry
+    from rayhash.train.plan import WorkerPlan
 
     ds = ray.data.from_items([{"image": im, "label": int(lb)} for im, lb in zip(images, labels)])
-    loop_cfg = {"config": config.model_dump(), "num_classes": num_classes,
-                "steps_per_epoch": len(images) // config.train.batch_size, "similarity": S, "val_source": None,
-                "metrics_path": None, "meta": {}}
+    plan = WorkerPlan(config=config, num_classes=num_classes,
+                      steps_per_epoch=len(images) // config.train.batch_size, similarity=S)
     t0 = time.perf_counter()
-    result = TorchTrainer(_entry, train_loop_config=loop_cfg, datasets={"train": ds},
+    result = TorchTrainer(functools.partial(_entry, plan), datasets={"train": ds},
                           scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
                           run_config=ray.train.RunConfig(name="bench", storage_path=workdir)).fit()
     wall = time.perf_counter() - t0

@@ -43,6 +43,7 @@ def _worker(rank, world, init_file, out_dir, case, loss):
     from torch.nn.parallel import DistributedDataParallel
 
     from rayhash.train.loop import _reduce_mean, _run_epoch, _seed, build_training
+    from rayhash.train.plan import WorkerPlan
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))  # a mismatched collective raises, not hangs
@@ -51,7 +52,8 @@ def _worker(rank, world, init_file, out_dir, case, loss):
     _seed(0)
     model, opt, sched, loss_fn = build_training(cfg, CLASSES, STEPS, np.eye(CLASSES, dtype=np.float32) * 0.5 + 0.5)
     ddp = DistributedDataParallel(model)
-    totals, n, _ = _run_epoch(_batches(rank, case), STEPS, 0, (ddp, opt, sched, loss_fn), cfg, {}, rank,
+    plan = WorkerPlan(config=cfg, num_classes=CLASSES, steps_per_epoch=STEPS)
+    totals, n, _ = _run_epoch(_batches(rank, case), STEPS, 0, (ddp, opt, sched, loss_fn), cfg, plan, rank,
                               torch.Generator(), False)
     metrics = _reduce_mean(totals, n, torch.device("cpu"))
     torch.save({"params": [p.detach().clone() for p in model.parameters()], "metrics": metrics, "n": n,
