@@ -109,7 +109,7 @@ class LossConfig(_Section):
     kl_distance: Literal[KL_DISTANCES] = "l2"  # norm of the k-NN KL estimator (l1 = Hamming on corners)
     kl_queue: int = Field(0, ge=0)  # recent detached outputs added to the estimator's sample (0 = off)
     kl_estimator: Literal[KL_ESTIMATORS] = "sampled"  # how L_KL's cross-entropy half is estimated (README)
-    kl_block: int = Field(8, ge=1, le=12)  # blockwise: bits per block (divides model.bits; 2^b corners covered)
+    kl_block: int = Field(4, ge=1, le=12)  # blockwise: bits per block (divides model.bits; 2^b well below n)
     kl_tc: Literal[KL_TC] = "rho"  # blockwise: rho = whole-code entropy | none = per-block bound | gaussian = +
     # the Gaussian total correlation between blocks (a decorrelation penalty)
     kl_nu_k: int | None = Field(None, ge=1)  # rank l of the target neighbour (null: k; corners: 1 = own corner)

@@ -48,7 +48,7 @@ class HashingLoss(nn.Module):
     def __init__(self, alpha: float = 1.0, beta: float = 1.0, k: int = 3, uniformity: float = 0.1,
                  sim_form: str = "relative", tau: float = 0.1, similarity=None, global_batch: bool = True,
                  kl_samples: float = 1.0, kl_distance: str = "l2", kl_queue: int = 0, label_smoothing: float = 0.0,
-                 equal_batches: bool = False, kl_estimator: str = "sampled", kl_block: int = 8,
+                 equal_batches: bool = False, kl_estimator: str = "sampled", kl_block: int = 4,
                  kl_tc: str = "rho", kl_nu_k: int | None = None):
         super().__init__()
         if sim_form not in ("relative", "softmax"):

@@ -108,7 +108,7 @@ def _digamma(k: int) -> float:
     return -0.5772156649015329 + sum(1.0 / j for j in range(1, k))
 
 
-def block_kl_divergence(x: torch.Tensor, k: int = 3, block: int = 8, m: int | None = None,
+def block_kl_divergence(x: torch.Tensor, k: int = 3, block: int = 4, m: int | None = None,
                         uniformity: float = 0.1, tc: str = "rho", p: float = 2.0, eps: float = 1e-6,
                         extra: torch.Tensor | None = None, l: int | None = None,
                         generator: torch.Generator | None = None) -> torch.Tensor:
