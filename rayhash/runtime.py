@@ -59,7 +59,7 @@ def init_ray(address: str | None = None, **kwargs) -> None:
         ray.init(address=address, **kwargs)
     else:
         _start_private_instance(log, **kwargs)
-    _quiet_ray_data()
+    quiet_ray_data()
 
 
 def _start_private_instance(log: logging.Logger, **kwargs) -> None:
@@ -103,22 +103,34 @@ def quiet_worker_logs() -> None:
       state API every second whether the train controller lives) otherwise looks for "the" local instance and, with
       another one running on the machine, dies with a ``Found multiple active Ray instances`` traceback.
     - The cleaner's logger is silenced below ERROR: a local instance runs no dashboard, so each ask would log a
-      warning all run long; errors still show.
+      warning all run long; errors still show. So is the train controller's autoscaling-request client: on a
+      loaded machine its one-second request to the (local, fixed-size) instance's autoscaler times out and logs a
+      20-line ``GetTimeoutError`` traceback that Ray itself calls "safe to ignore".
     - Ray Data's own ``exclude_resources`` deprecation warning (raised inside Ray Train's dataset manager, not by
-      rayhash) is dropped."""
+      rayhash) is dropped, and its per-dataset INFO lines in the train workers and split coordinator are quieted
+      as in the driver (:func:`quiet_ray_data`)."""
     import warnings
 
     import ray
 
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    for name in _LOCAL_ONLY_NOISE:
+        logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=r".*exclude_resources.* is deprecated")
+    quiet_ray_data()
 
 
-def _quiet_ray_data() -> None:
+# Ray Train loggers that only complain about a local instance having no dashboard and no autoscaler
+_LOCAL_ONLY_NOISE = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
+                     "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client")
+
+
+def quiet_ray_data() -> None:
     """Ray Data's progress output (per-operator bars, and off a terminal a ``Total Progress: 0/?`` log block per
-    dataset) and its per-dataset INFO lines (execution plan, log folder) are noise beside rayhash's own bars, which
-    count the samples each stage knows it will read; its warnings and errors still show."""
+    dataset) and its per-dataset INFO lines (execution plan, log folder, "execution finished": one set per epoch in a
+    train worker) are noise beside rayhash's own bars and epoch lines, which count the samples each stage knows it
+    will read; its warnings and errors still show. Run in the driver, in every worker of a private instance, and
+    at the start of each train worker (on any cluster)."""
     try:
         from ray.data import DataContext
 

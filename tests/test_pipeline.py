@@ -38,7 +38,8 @@ def test_cli_reports_user_errors_in_one_line(tmp_path):
     assert str(missing) in proc.stderr and "Traceback" not in proc.stderr
 
 
-CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"  # Ray's own module name
+CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"  # Ray's own module names
+AUTOSCALE_LOGGER = "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
 QUIET_SCRIPT = f"""
 import json, logging, os
 import ray
@@ -46,10 +47,14 @@ from rayhash.runtime import init_ray
 init_ray(num_cpus=1)
 @ray.remote
 def speak():
-    cleaner = logging.getLogger("{CLEANER_LOGGER}")
+    cleaner, autoscale = logging.getLogger("{CLEANER_LOGGER}"), logging.getLogger("{AUTOSCALE_LOGGER}")
     cleaner.warning("CLEANER-WARNING")
+    autoscale.warning("AUTOSCALE-WARNING")
+    data = logging.getLogger("ray.data")
     return [cleaner.isEnabledFor(logging.WARNING), cleaner.isEnabledFor(logging.ERROR),
+            autoscale.isEnabledFor(logging.WARNING), autoscale.isEnabledFor(logging.ERROR),
             logging.getLogger("ray.train.v2.other").isEnabledFor(logging.WARNING),
+            data.isEnabledFor(logging.INFO), data.isEnabledFor(logging.WARNING),
             os.environ.get("RAY_ADDRESS") == ray.get_runtime_context().gcs_address]
 print("LEVELS", json.dumps(ray.get(speak.remote())))
 ray.shutdown()
@@ -62,13 +67,48 @@ def test_local_ray_instance_drops_only_the_per_second_dashboard_warning(tmp_path
     that it cannot ask it; rayhash's local instance silences that logger's warnings in every worker, nothing else.
     The worker reports its loggers' levels itself (its printed output reaches the driver only asynchronously)."""
     import ray.train.v2._internal.execution.controller.placement_group_cleaner as cleaner_module
+    import ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client as autoscale_module
 
-    assert cleaner_module.logger.name == CLEANER_LOGGER  # the name rayhash silences is the one Ray logs under
+    assert cleaner_module.logger.name == CLEANER_LOGGER  # the names rayhash silences are the ones Ray logs under
+    assert autoscale_module.logger.name == AUTOSCALE_LOGGER
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run([sys.executable, "-c", QUIET_SCRIPT], capture_output=True, text=True, env=env,
                           timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    warning_on, error_on, other_warning_on, own_address = json.loads(proc.stdout.split("LEVELS", 1)[1])
-    assert not warning_on and error_on and other_warning_on
+    (warning_on, error_on, as_warning_on, as_error_on, other_warning_on, data_info_on, data_warning_on,
+     own_address) = json.loads(proc.stdout.split("LEVELS", 1)[1])
+    assert not warning_on and error_on and not as_warning_on and as_error_on and other_warning_on
+    assert not data_info_on and data_warning_on  # Ray Data's per-dataset INFO lines off in workers, warnings on
     assert own_address  # Ray's state-API calls in workers ask this instance, never search for "the" local one
-    assert "CLEANER-WARNING" not in proc.stdout + proc.stderr
+    assert "CLEANER-WARNING" not in proc.stdout + proc.stderr and "AUTOSCALE-WARNING" not in proc.stderr
+
+
+# Ray's own per-epoch or per-dataset INFO lines, which a normal run must not print (they stay in Ray's log files)
+RAY_NOISE = ("Reporting training result", "Checkpoint successfully created", "Starting execution of Dataset",
+             "Execution plan of Dataset", "Requesting resources", "Started training worker group",
+             "Moving model to device", "Setting up process group", "Progress bars disabled", "Traceback",
+             "Failed to send resource request", "Token authentication")
+
+
+@pytest.mark.timeout(600)
+def test_a_normal_train_run_prints_rayhash_lines_not_ray_internals(tmp_path):
+    """`rayhash data convert` then `rayhash train` as a newcomer runs them: each epoch is one rayhash line, and
+    none of Ray Train's or Ray Data's per-epoch INFO lines (nor a traceback) reaches the terminal."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAYHASH_ADDRESS", "RAYHASH_LOG_LEVEL")}
+    env["RAYHASH_PROGRESS"] = "0"
+    cli = [sys.executable, "-m", "rayhash.cli"]
+    conv = subprocess.run([*cli, "data", "convert", "synthetic", "--out", str(tmp_path / "ds"), "--per-class", "4",
+                           "2", "--image-size", "16"], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=tmp_path)
+    assert conv.returncode == 0, conv.stderr[-3000:]
+    proc = subprocess.run([*cli, "train", "--data", str(tmp_path / "ds"), "--out", str(tmp_path / "run"),
+                           "train.epochs=2", "train.warmup_epochs=0", "train.steps_per_epoch=2",
+                           "train.batch_size=16", "validation.every=1"],
+                          capture_output=True, text=True, env=env, timeout=500, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    epochs = [line for line in out.splitlines() if "rayhash.train: epoch " in line]
+    assert len(epochs) == 2 and "(2 of 2)" in epochs[-1], out[-3000:]
+    assert "final checkpoint" in out
+    for noise in RAY_NOISE:
+        assert noise not in out, f"{noise!r} in the output:\n{out[-4000:]}"

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 
-from rayhash import storage
+from rayhash import settings, storage
 from rayhash.config import RunConfig
 from rayhash.hooks import NO_HOOKS, Hooks
 from rayhash.layout import CheckpointDir, DatasetDir, RunDir
@@ -138,7 +139,12 @@ def _fit(config: RunConfig, run: RunDir, store: str, address: str | None, hooks:
         run_config=ray.train.RunConfig(
             name=RUN_NAME, storage_path=store,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints)))
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            # Ray Train's own INFO lines (resources requested, worker group started, process group, "Reporting
+            # training result N" and "Checkpoint successfully created" each epoch) stay in its log files under the
+            # Ray session folder; rayhash's epoch line says what they say. Its warnings and errors still show, and
+            # RAYHASH_LOG_LEVEL=DEBUG brings the INFO lines back.
+            logging_config=ray.train.LoggingConfig(log_level=_ray_train_log_level())))
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"training failed: {result.error}") from result.error
@@ -196,9 +202,26 @@ def _validation_split(d, info) -> str | None:
     return split
 
 
+def _ray_train_log_level() -> str:
+    """Ray Train's console level: WARNING, or INFO when rayhash itself logs at DEBUG."""
+    return "INFO" if settings.LOG_LEVEL.get().upper() == "DEBUG" else "WARNING"
+
+
 def _entry(plan: WorkerPlan) -> list[dict]:
+    from rayhash.runtime import quiet_ray_data
     from rayhash.train.loop import train_loop_per_worker
 
+    quiet_ray_data()  # on a cluster too, where no set-up hook ran in this worker
+    # Ray Train's worker-side lines each epoch: "Checkpoint successfully created" (under ray.train) and "Reporting
+    # training result N" (its context module logs under its file path, outside ray.train's LoggingConfig)
+    level = _ray_train_log_level()
+    logging.getLogger("ray.train").setLevel(level)
+    try:
+        from ray.train.v2._internal.execution import context as _train_context
+
+        logging.getLogger(_train_context.__file__).setLevel(level)
+    except ImportError:  # another Ray version: its lines stay
+        pass
     return train_loop_per_worker(plan)
 
 
