@@ -87,7 +87,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("RAYHASH_PROGRESS", "0")
     import ray
 
-    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    from rayhash.runtime import init_ray
+
+    init_ray("local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     from rayhash.data import shard_urls
 

@@ -95,13 +95,14 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     args = p.parse_args(argv)
 
-    import ray
+
+    from rayhash.runtime import init_ray
 
     from rayhash.data import shard_urls
     from rayhash.encode import encode_dataset
 
     os.environ["RAYHASH_PROGRESS"] = "0"
-    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    init_ray("local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     root = tempfile.mkdtemp(prefix="bench-encode-")
     data = make_dataset(root, args.per_class, args.shard_size)
     ckpt = make_checkpoint(root, data, args.backbone, args.bits, args.width, args.image_size)

@@ -103,13 +103,15 @@ def main() -> None:
     import numpy as np
     import ray
 
+    from rayhash.runtime import init_ray
+
     from rayhash.data import convert_cifar100, load_dataset_info
     from rayhash.data.stream import read_shards
     from rayhash.metrics import flat_classifier_mahp, random_codes_mahp
 
     work = args.work or tempfile.mkdtemp(prefix="bench-quality-")
     results = args.results or os.path.join(work, "results.jsonl")
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    init_ray("local", include_dashboard=False, log_to_driver=False)
     ds = os.path.join(work, "cifar")
     convert_cifar100(args.cifar, ds, limit_per_class=args.limit)
     info = load_dataset_info(ds)

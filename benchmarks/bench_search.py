@@ -159,10 +159,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import faiss
-    import ray
 
     from rayhash.index import ShardedIndex, build_index
     from rayhash.index.codes import write_codes
+    from rayhash.runtime import init_ray
 
     rng = np.random.default_rng(0)
     if args.codes == "real":
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
 
     tmp = tempfile.mkdtemp(prefix="bench-search-")
     write_codes(os.path.join(tmp, "codes", "codes-00000.parquet"), keys, db, labels)
-    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    init_ray("local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     t = time.perf_counter()
     build_index(os.path.join(tmp, "codes"), os.path.join(tmp, "index"), shards=args.shards)
     print(f"build flat ({args.shards} Ray tasks): {time.perf_counter() - t:.2f}s")

@@ -145,12 +145,14 @@ def main() -> None:
     args = p.parse_args()
 
     import ray
+
+    from rayhash.runtime import init_ray
     import torch
 
     from rayhash.config import load_config
 
     torch.set_num_threads(1)  # a Ray worker with 1 CPU gets 1 thread: compare like with like
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+    init_ray("local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     images, labels, S, C = _batches(args)
     cfg = load_config(None, [f"model.backbone={args.backbone}", f"model.bits={args.bits}", "model.width=16",

@@ -122,9 +122,11 @@ def main() -> None:
     import numpy as np
     import ray
 
+    from rayhash.runtime import init_ray
+
     work = args.work or tempfile.mkdtemp(prefix=f"bench-{args.study}-")
     results = args.results or os.path.join(work, "results.jsonl")
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    init_ray("local", include_dashboard=False, log_to_driver=False)
     done = [json.loads(x) for x in open(results)] if os.path.exists(results) else []
     variants = args.variants.split(",") if args.study == "zeroshot" else ["-"]
     for variant in variants:

@@ -47,12 +47,12 @@ def init_ray(address: str | None = None, **kwargs) -> None:
     *Local means local*: without an address this process starts its own Ray instance (``address="local"``) in its
     own temporary folder, removed at exit (kept when ``$RAYHASH_DEBUG`` is set), and never joins another instance
     running on this machine, whoever started it. Inside a Ray job (``ray job submit``) ``$RAY_ADDRESS`` attaches it
-    to the job's cluster."""
+    to the job's cluster. ``address="local"``: the private instance whatever the environment names (benchmarks)."""
     import ray
 
     if ray.is_initialized():
         return
-    address = ray_address(address)
+    address = None if address == "local" else ray_address(address)
     log = get_logger("runtime")
     if address:
         log.info("connecting to Ray cluster at %s", address)

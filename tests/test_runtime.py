@@ -105,6 +105,13 @@ def test_local_command_starts_its_own_instance_and_leaves_another_alone(tmp_path
                   "Traceback"):
         assert noise not in proc.stderr, proc.stderr[-3000:]
     assert "private local Ray instance" in proc.stderr
+    # init_ray("local") (the benchmarks' start) stays private even when RAYHASH_ADDRESS names the other instance
+    code = ("from rayhash.runtime import init_ray; init_ray('local', num_cpus=1, log_to_driver=False); "
+            "import ray; print('CPUS', ray.cluster_resources()['CPU'])")
+    bench = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                           env=dict(env, RAYHASH_ADDRESS=address))
+    assert bench.returncode == 0 and "CPUS 1.0" in bench.stdout, bench.stderr[-3000:]
+    assert "Token authentication" not in bench.stderr, bench.stderr[-3000:]
     assert not (home / ".ray").exists(), list((home / ".ray").iterdir())
     # the other instance: still alive, the same nodes, and no job joined it but the second probe
     assert _probe(address, probe_env) == (nodes_before, jobs_before + 1)
