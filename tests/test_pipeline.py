@@ -87,7 +87,8 @@ def test_local_ray_instance_drops_only_the_per_second_dashboard_warning(tmp_path
 RAY_NOISE = ("Reporting training result", "Checkpoint successfully created", "Starting execution of Dataset",
              "Execution plan of Dataset", "Requesting resources", "Started training worker group",
              "Moving model to device", "Setting up process group", "Progress bars disabled", "Traceback",
-             "Failed to send resource request", "Token authentication")
+             "Failed to send resource request", "Token authentication",
+             "constructor arguments in the object store")  # Ray Train's PreemptionWatcher (off on a private instance)
 
 
 @pytest.mark.timeout(600)
