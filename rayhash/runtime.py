@@ -73,11 +73,11 @@ def _start_private_instance(log: logging.Logger, **kwargs) -> None:
     # every command). This instance accepts connections from this process's own workers only, and its folder is
     # private, so it runs without a token: RAY_AUTH_MODE=disabled (Ray's documented opt-out), for this process and
     # the Ray processes it starts. An explicit RAY_AUTH_MODE is kept.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault(settings.RAY_AUTH_MODE.name, "disabled")
     # Ray Train's PreemptionWatcher actor watches for nodes being drained; a single-machine private instance has
     # none to drain, and creating it (it takes actor handles as constructor arguments) makes Ray's C++ core worker
     # print a "constructor arguments in the object store" error line (ray-project/ray#53727) on every train run.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    os.environ.setdefault(settings.PREEMPTION_WATCHER.name, "0")
     # Short and private: Ray's Unix sockets live under it (paths are limited to ~107 bytes), and no other process
     # finds this instance through it (Ray's auto-detection reads /tmp/ray).
     temp = tempfile.mkdtemp(prefix="rayhash-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)

@@ -77,6 +77,8 @@ TOKENIZERS_PARALLELISM = _s("TOKENIZERS_PARALLELISM", None, "false: quiet the to
                             owner="huggingface")
 RAY_AUTH_MODE = _s("RAY_AUTH_MODE", None, "Ray's token authentication; a private local instance sets `disabled` "
                    "unless it is set (rayhash.runtime)", False, owner="ray")
+PREEMPTION_WATCHER = _s("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", None, "Ray Train's watcher for nodes being drained; "
+                        "a private local instance sets `0` unless it is set (rayhash.runtime)", False, owner="ray")
 RAY_TRAIN_V2 = _s("RAY_TRAIN_V2_ENABLED", None, "1: Ray Train's v2 controller (what rayhash is tested with)", True,
                   owner="ray")
 
