@@ -7,6 +7,7 @@ skips work whose outputs already exist, so a re-run after a failure continues wh
 from __future__ import annotations
 
 import argparse
+import time
 
 from rayhash import storage
 from rayhash.cliargs import positive_int
@@ -72,7 +73,18 @@ def run_pipeline(out: str, *, dataset: str = "synthetic", source: str | None = N
     queries = out.data.split(query_split)
     metrics = evaluate(out.index, result.checkpoint, queries, out.eval)
     metrics["reference"] = evaluate(None, result.checkpoint, queries, out.eval.reference, protocol="reference")
+    metrics["objective"] = objective(cfg.loss)
     return metrics
+
+
+def objective(loss) -> str:
+    """The weighted terms a run trained with beside classification, e.g. ``L_sim × 1 + L_KL × 0.3 (corners, k = 32,
+    ramped in from 50% of training)``."""
+    terms = [f"L_sim × {loss.alpha:g}"] if loss.alpha else []
+    if loss.beta:
+        when = f", ramped in from {loss.beta_start:.0%} of training" if loss.beta_schedule == "ramp" else ""
+        terms.append(f"L_KL × {loss.beta:g} ({loss.kl_estimator}, k = {loss.k}{when})")
+    return " + ".join(terms) or "none (classification alone)"
 
 
 def results_table(metrics: dict) -> str:
@@ -91,10 +103,14 @@ def _run(args: argparse.Namespace) -> int:
     from rayhash.data import CONVERTERS
 
     config = args.config or (CONVERTERS[args.dataset].demo_config if args.command == "demo" else None)
+    started = time.perf_counter()
     metrics = run_pipeline(args.out, dataset=args.dataset, source=args.data, config=config,
                            overrides=args.overrides, index_shards=args.index_shards,
                            limit=args.limit, address=args.address)
+    wall = time.perf_counter() - started
     print(f"\nrayhash results ({args.dataset}):\n{results_table(metrics)}")
+    print(f"  loss terms: {metrics['objective']}\n  wall time: {int(wall // 60)} min {wall % 60:.0f} s (this call, "
+          "all stages; stages found done were skipped)")
     out = PipelineDir(args.out)
     print(f"\nreport: {out.eval.metrics}")
     for png in storage.list_files(out.eval, ".png"):

@@ -92,6 +92,25 @@ def test_settings_wrong_together_are_refused_naming_both_keys():
     assert load_config(None, ["loss.kl_estimator=sampled", "loss.kl_block=3"]).loss.kl_block == 3
 
 
+def test_kl_rank_must_fit_in_a_batch_as_the_estimator_needs():
+    """loss.k (the rho neighbour's rank) against train.batch_size: refused at load time exactly where the estimator
+    itself would fail at the first step (k-th nearest *other* output of the batch + queue)."""
+    import torch
+
+    from rayhash.config import load_config
+    from rayhash.losses.kl import corner_kl_divergence
+
+    z = torch.randn(32, 8).tanh()
+    corner_kl_divergence(z, k=31)
+    with pytest.raises(ValueError):
+        corner_kl_divergence(z, k=32)
+    with pytest.raises(ValueError, match=r"loss\.k=32 .*train\.batch_size=32"):
+        load_config(None, ["loss.beta=0.3", "loss.k=32", "train.batch_size=32"])
+    assert load_config(None, ["loss.beta=0.3", "loss.k=31", "train.batch_size=32"]).loss.k == 31
+    assert load_config(None, ["loss.beta=0.3", "loss.k=32", "train.batch_size=32", "loss.kl_queue=1"]).loss.k == 32
+    assert load_config(None, ["loss.beta=0", "loss.k=32", "train.batch_size=32"]).loss.k == 32  # L_KL off
+
+
 def test_environment_variables_are_listed_once():
     """rayhash reads environment variables only through rayhash.settings (a grep of the package finds
     ``os.environ`` nowhere else but runtime.py's process set-up), submit forwards exactly the settings marked

@@ -85,7 +85,7 @@ def test_caption_targets_on_flickr8k_end_to_end(tmp_path, ray_local):
     metrics = run_pipeline(str(out), dataset="captions", source=str(captions), config="conceptual_captions",
                            limit=300, index_shards=2,
                            overrides=["model.backbone=tiny_cnn", "model.width=8", "model.bits=16",
-                                      "data.image_size=32", "train.epochs=1", "train.batch_size=32",
+                                      "data.image_size=32", "train.epochs=1", "train.batch_size=32", "loss.k=4",
                                       "train.num_workers=1", "train.cpus_per_worker=1",
                                       "data.shuffle_buffer=64"])
     assert metrics["targets"] == "captions"

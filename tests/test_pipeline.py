@@ -5,8 +5,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
+
+CONFIGS = Path(__file__).resolve().parents[1] / "rayhash" / "resources" / "configs"
 
 
 @pytest.mark.slow
@@ -21,6 +25,11 @@ def test_demo_pipeline_beats_random_codes(tmp_path, ray_local):
     assert on_disk["n_database"] == 480 and on_disk["n_queries"] == 160
     # learned codes retrieve semantically: clearly above random codes on the same labels
     assert metrics["mAHP@250"] > metrics["mAHP@250_random"] + 0.1, metrics
+    # the results name the loss terms the shipped demo config trains with (the paper's KL term among them)
+    shipped = yaml.safe_load((CONFIGS / "demo.yaml").read_text())["loss"]
+    assert shipped["beta"] > 0
+    assert (f"L_sim × {shipped['alpha']:g} + L_KL × {shipped['beta']:g} ({shipped['kl_estimator']}, "
+            f"k = {shipped['k']}") in metrics["objective"], metrics["objective"]
     for png in ("hp_curve.png", "bit_balance.png", "distance_histograms.png", "precision_recall.png"):
         assert (out / "eval" / png).stat().st_size > 1000
     # a re-run resumes from what is on storage: nothing is redone or duplicated, the numbers are the same
@@ -28,6 +37,19 @@ def test_demo_pipeline_beats_random_codes(tmp_path, ray_local):
     again = run_pipeline(str(out), dataset="synthetic", overrides=["train.epochs=4"])
     assert again["mAHP@250"] == metrics["mAHP@250"] and again["n_database"] == 480
     assert (out / "codes" / "codes-00000.parquet").stat().st_mtime_ns == codes_mtime
+
+
+def test_objective_names_only_the_terms_switched_on():
+    from rayhash.config import load_config
+    from rayhash.pipeline import objective
+
+    assert objective(load_config(None, ["loss.alpha=0", "loss.beta=0"]).loss) == "none (classification alone)"
+    assert objective(load_config(None, ["loss.alpha=2", "loss.beta=0"]).loss) == "L_sim × 2"
+    kl = load_config(None, ["loss.alpha=0", "loss.beta=0.5", "loss.kl_estimator=blockwise", "loss.k=7",
+                            "loss.beta_schedule=ramp", "loss.beta_start=0.25"]).loss
+    assert objective(kl) == "L_KL × 0.5 (blockwise, k = 7, ramped in from 25% of training)"
+    assert objective(load_config(None, ["loss.beta=0.5", "loss.beta_schedule=constant"]).loss) == \
+        "L_sim × 1 + L_KL × 0.5 (sampled, k = 3)"
 
 
 def test_cli_reports_user_errors_in_one_line(tmp_path):
