@@ -158,11 +158,11 @@ class RunConfig(_Section):
         if self.loss.kl_estimator == "blockwise" and self.model.bits % self.loss.kl_block:
             raise ValueError(f"loss.kl_block={self.loss.kl_block} must divide model.bits={self.model.bits} "
                              "(blocks of 4 or 8 bits fit every code length)")
-        pool = self.train.batch_size + self.loss.kl_queue  # outputs each L_KL estimate sees (full batches only)
-        if self.loss.beta and self.loss.k >= pool:
+        # L_KL's first estimate sees the global batch alone (full batches only; the kl_queue starts empty)
+        if self.loss.beta and self.loss.k >= self.train.batch_size:
             raise ValueError(f"loss.k={self.loss.k} needs more than k outputs per step, but train.batch_size="
-                             f"{self.train.batch_size} (+ loss.kl_queue={self.loss.kl_queue}) gives {pool}: lower "
-                             "loss.k (about batch_size / 8) or raise train.batch_size")
+                             f"{self.train.batch_size} gives a first step only that many (loss.kl_queue fills "
+                             "later): lower loss.k (about batch_size / 8) or raise train.batch_size")
         if self.train.warmup_epochs > self.train.epochs:
             raise ValueError(f"train.warmup_epochs={self.train.warmup_epochs:g} exceeds train.epochs="
                              f"{self.train.epochs}: the learning rate would never finish warming up; lower "

@@ -98,16 +98,17 @@ def test_kl_rank_must_fit_in_a_batch_as_the_estimator_needs():
     import torch
 
     from rayhash.config import load_config
-    from rayhash.losses.kl import corner_kl_divergence
+    from rayhash.losses.hashing import HashingLoss
 
-    z = torch.randn(32, 8).tanh()
-    corner_kl_divergence(z, k=31)
+    z = torch.randn(32, 8).tanh()  # the first step of a batch of 32, with a KL queue that has not filled yet
+    HashingLoss(alpha=0.0, beta=0.3, k=31, kl_queue=8, kl_estimator="corners")(z)
     with pytest.raises(ValueError):
-        corner_kl_divergence(z, k=32)
+        HashingLoss(alpha=0.0, beta=0.3, k=32, kl_queue=8, kl_estimator="corners")(z)
     with pytest.raises(ValueError, match=r"loss\.k=32 .*train\.batch_size=32"):
         load_config(None, ["loss.beta=0.3", "loss.k=32", "train.batch_size=32"])
     assert load_config(None, ["loss.beta=0.3", "loss.k=31", "train.batch_size=32"]).loss.k == 31
-    assert load_config(None, ["loss.beta=0.3", "loss.k=32", "train.batch_size=32", "loss.kl_queue=1"]).loss.k == 32
+    with pytest.raises(ValueError, match=r"loss\.k=32 .*train\.batch_size=32"):  # the queue is empty at step one
+        load_config(None, ["loss.beta=0.3", "loss.k=32", "train.batch_size=32", "loss.kl_queue=8"])
     assert load_config(None, ["loss.beta=0", "loss.k=32", "train.batch_size=32"]).loss.k == 32  # L_KL off
 
 

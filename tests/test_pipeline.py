@@ -10,8 +10,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-CONFIGS = Path(__file__).resolve().parents[1] / "rayhash" / "resources" / "configs"
-
 
 @pytest.mark.slow
 def test_demo_pipeline_beats_random_codes(tmp_path, ray_local):
@@ -26,7 +24,9 @@ def test_demo_pipeline_beats_random_codes(tmp_path, ray_local):
     # learned codes retrieve semantically: clearly above random codes on the same labels
     assert metrics["mAHP@250"] > metrics["mAHP@250_random"] + 0.1, metrics
     # the results name the loss terms the shipped demo config trains with (the paper's KL term among them)
-    shipped = yaml.safe_load((CONFIGS / "demo.yaml").read_text())["loss"]
+    from rayhash.config import find_config
+
+    shipped = yaml.safe_load(Path(find_config("demo")).read_text())["loss"]
     assert shipped["beta"] > 0
     assert (f"L_sim × {shipped['alpha']:g} + L_KL × {shipped['beta']:g} ({shipped['kl_estimator']}, "
             f"k = {shipped['k']}") in metrics["objective"], metrics["objective"]
