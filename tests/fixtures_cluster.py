@@ -79,10 +79,21 @@ class LocalCluster:
         return [int(p) for p in out.split() if int(p) != os.getpid()]
 
 
-def _free_base_port(span: int = 1000, tries: int = 50) -> int:
+def _port_band() -> range:
+    """Base ports this test process may use: 20000-28999, split between pytest-xdist workers (gw0, gw1, ...) so two
+    workers' clusters, whose nodes take ports up to base + 100 * (nodes + 1), never share a range."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    n = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    i = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
+    width = 9000 // max(n, 1)
+    return range(20000 + i * width, 20000 + (i + 1) * width - 1000, 10)
+
+
+def _free_base_port(tries: int = 50) -> int:
     """A base port whose node ports (base .. base+99, worker ranges above) are free right now."""
+    band = _port_band()
     for _ in range(tries):
-        base = random.randrange(20000, 29000, 10)
+        base = random.choice(band)
         probe = [base, base + 1, base + 2, *range(base + 10, base + 40), base + 100, base + 200]
         if all(_port_free(p) for p in probe):
             return base

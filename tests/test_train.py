@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -179,3 +181,43 @@ def test_validation_split_falls_back_to_the_one_that_exists(configured, splits, 
     assert got == expected
     if configured and configured not in splits:
         assert configured in caplog.text and ("instead" in caplog.text or "without validation" in caplog.text)
+
+
+def test_the_driver_prints_every_epoch_line_once_even_the_last_one_written_as_the_run_ends(tmp_path):
+    """The epoch lines come from metrics.jsonl on storage, not from the workers' asynchronous log stream: an epoch
+    written just before the run ends is still printed, each epoch once, and a resumed run does not repeat the
+    epochs of the run before it."""
+    from rayhash.storage import write_bytes
+    from rayhash.train.driver import _EpochLines
+
+    path = str(tmp_path / "metrics.jsonl")
+    rows = [{"epoch": e, "step": 10 * (e + 1), "lr": 0.5 / (e + 1), "loss": 2.0 - e / 4} for e in range(3)]
+
+    def write(n):
+        write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows[:n]).encode())
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logger = logging.getLogger("rayhash.train")
+    logger.addHandler(handler)
+    write(1)  # epoch 0 is from the run being resumed
+    try:
+        with _EpochLines(path, epochs=3, every_s=0.01):
+            write(2)
+            for _ in range(200):  # the poller prints epoch 1 while the run goes on
+                if any("(2 of 3)" in r.getMessage() for r in records):
+                    break
+                threading.Event().wait(0.05)
+            assert any("(2 of 3)" in r.getMessage() for r in records), "epoch 1 not printed during the run"
+        lines = [r.getMessage() for r in records]
+        records.clear()
+        write(1)
+        with _EpochLines(path, epochs=3, every_s=3600):  # no poll ever runs: only the read at the end
+            write(3)  # the last epochs land as the run ends
+        lines += [r.getMessage() for r in records]
+    finally:
+        logger.removeHandler(handler)
+    want = ["epoch 1 (2 of 3): lr=0.25 loss=1.75", "epoch 1 (2 of 3): lr=0.25 loss=1.75",
+            "epoch 2 (3 of 3): lr=0.1667 loss=1.5"]
+    assert [x for x in lines if x.startswith("epoch ")] == want, lines

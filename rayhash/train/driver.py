@@ -5,6 +5,7 @@ import functools
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 
 from rayhash import settings, storage
@@ -145,7 +146,8 @@ def _fit(config: RunConfig, run: RunDir, store: str, address: str | None, hooks:
             # Ray session folder; rayhash's epoch line says what they say. Its warnings and errors still show, and
             # RAYHASH_LOG_LEVEL=DEBUG brings the INFO lines back.
             logging_config=ray.train.LoggingConfig(log_level=_ray_train_log_level())))
-    result = trainer.fit()
+    with _EpochLines(run.metrics, t.epochs):
+        result = trainer.fit()
     if result.error:
         raise RuntimeError(f"training failed: {result.error}") from result.error
     if result.checkpoint is None:
@@ -236,6 +238,49 @@ def export_final(checkpoint, out: str) -> str:
                 with open(src, "rb") as f:
                     storage.write_bytes(final.file(name), f.read())
     return str(final)
+
+
+def epoch_line(metrics: dict, epochs: int) -> str:
+    """The one line a run prints per epoch: ``epoch 3 (4 of 20): lr=... loss=...`` (0-based, as in metrics.jsonl)."""
+    values = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+    return f"epoch {metrics['epoch']} ({metrics['epoch'] + 1} of {epochs}): {values}"
+
+
+class _EpochLines:
+    """Prints each epoch's line on the driver as soon as rank 0 has written it to metrics.jsonl (on storage, so
+    this works for workers on any node). A worker's own log lines reach the driver asynchronously through Ray's
+    log monitor, and a run that ends can exit before the last one arrives; the file is read once more at the end,
+    so no epoch line is ever lost. Epochs already in the file when the run starts (``--resume``) are not repeated."""
+
+    def __init__(self, path: str, epochs: int, every_s: float = 2.0):
+        self._path, self._epochs, self._every_s = path, epochs, every_s
+        self._shown = {h["epoch"] for h in _read_history(path)}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="rayhash-epoch-lines", daemon=True)
+
+    def __enter__(self) -> "_EpochLines":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._show()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self._every_s):
+            self._show()
+
+    def _show(self) -> None:
+        try:
+            history = _read_history(self._path)
+        except (OSError, ValueError) as e:  # storage briefly unreachable: the next read (or the last) shows it
+            log.debug("reading %s: %s", self._path, e)
+            return
+        for h in history:
+            if h["epoch"] not in self._shown:
+                self._shown.add(h["epoch"])
+                log.info("%s", epoch_line(h, self._epochs))
 
 
 def _read_history(path: str) -> list[dict]:

@@ -227,9 +227,7 @@ def train_loop_per_worker(plan: WorkerPlan) -> list[dict]:
             metrics.update(validate(getattr(model, "module", model), val, similarity, config.validation.k, device))
         history = [h for h in history if h["epoch"] < epoch] + [metrics]
         if rank == 0:
-            log.info("epoch %d (%d of %d): %s", epoch, epoch + 1, t.epochs,  # 0-based, as in metrics.jsonl
-                     " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
-            _write_history(plan.metrics_path, history)
+            _write_history(plan.metrics_path, history)  # the driver prints each epoch's line from this file
             if writer:
                 for k, v in metrics.items():
                     writer.add_scalar(k, v, epoch)
