@@ -6,6 +6,8 @@ DATASET ?= synthetic
 DATA    ?=
 LIMIT   ?=
 PYTEST_ARGS ?=
+# pytest-xdist processes, each taking whole test files (PYTEST_WORKERS=0: every test in one process)
+PYTEST_WORKERS ?= 2
 
 .PHONY: install lint test demo bench gpu-check clean
 
@@ -21,7 +23,7 @@ lint: install  # ruff, configured in pyproject.toml; `make test` runs it first a
 	$(VENV)/bin/ruff check .
 
 test: install lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 
 demo: install
 	$(VENV)/bin/rayhash demo --dataset $(DATASET) $(if $(DATA),--data $(DATA),) $(if $(LIMIT),--limit $(LIMIT),) --out runs/demo-$(DATASET)

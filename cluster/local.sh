@@ -64,6 +64,23 @@ start_node() {  # start_node INDEX ARGS... : one `ray start --block` in its own 
   echo $! >"$DIR/node-$i.pid"
 }
 
+start_node_retrying() {  # start_node_retrying INDEX "READY COMMAND" ARGS... : start_node, once more if it exits
+  # Ray gives a starting node 30 s to register with its GCS; a loaded machine can miss that and the node exits ("The
+  # current node timed out during startup"). The second start's own failure is reported by wait_for.
+  local i="$1" ready="$2" attempt
+  shift 2
+  for attempt in 1 2; do
+    start_node "$i" "$@"
+    # shellcheck disable=SC2086  # READY COMMAND is a command and its words
+    if ((attempt == 2)) || wait_or_exit "$DIR/node-$i.pid" $ready >/dev/null; then
+      return 0
+    fi
+    echo "$0: node $i exited while starting (log: $DIR/node-$i.log); starting it once more" >&2
+    stop_group "$(cat "$DIR/node-$i.pid")"
+    mv "$DIR/node-$i.log" "$DIR/node-$i.failed.log"
+  done
+}
+
 alive_pids() {
   local f
   for f in "$DIR"/node-*.pid; do
@@ -139,22 +156,13 @@ do_up() {
     (umask 077 && printf '%s' "$RAYHASH_LOCAL_TOKEN" >"$DIR/auth_token")
   fi
   node_env
-  local attempt
-  for attempt in 1 2; do  # Ray gives a starting node 30 s to register with its GCS: a loaded machine can miss that
-    start_node 0 --head --port "$PORT" --temp-dir "$DIR/ray" --num-cpus "$HEAD_CPUS" --num-gpus 0 \
-      --include-dashboard true --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" \
-      --ray-client-server-port $((PORT + 2))
-    if ((attempt == 2)) || wait_or_exit "$DIR/node-0.pid" api /api/version >/dev/null; then
-      break
-    fi
-    echo "$0: the head node exited while starting (log: $DIR/node-0.log); starting it once more" >&2
-    stop_group "$(cat "$DIR/node-0.pid")"
-    mv "$DIR/node-0.log" "$DIR/node-0.failed.log"
-  done
+  start_node_retrying 0 "api /api/version" --head --port "$PORT" --temp-dir "$DIR/ray" --num-cpus "$HEAD_CPUS" \
+    --num-gpus 0 --include-dashboard true --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" \
+    --ray-client-server-port $((PORT + 2))
   wait_for "the head node" api /api/version >/dev/null
   local i
-  for ((i = 1; i <= n; i++)); do
-    start_node "$i" --address "127.0.0.1:$PORT" --num-cpus "$CPUS" --num-gpus 0
+  for ((i = 1; i <= n; i++)); do  # one at a time: each registers before the next starts
+    start_node_retrying "$i" "nodes_at_least $((i + 1))" --address "127.0.0.1:$PORT" --num-cpus "$CPUS" --num-gpus 0
   done
   wait_for "$((n + 1)) nodes" nodes_at_least $((n + 1))
   echo "local Ray cluster up: head + $n worker node(s) on 127.0.0.1"
