@@ -50,6 +50,17 @@ def ray_local():
     yield ray
 
 
+def pytest_collection_modifyitems(items):
+    """The s3 fixture's endpoint is reserved before any Ray starts (fixtures_storage). Files holding multi-minute
+    (``slow``) tests run first, each file's tests in their own order: `make test` hands whole files to two
+    pytest-xdist processes, and the longest files started last would leave one of them idle at the end."""
+    from fixtures_storage import reserve_s3_endpoint
+
+    reserve_s3_endpoint(items)
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
+
+
 # Each stage's fixtures live in its own module; importing them here makes them visible to every test.
 from fixtures_cluster import *  # noqa: E402,F401,F403
 from fixtures_data import *  # noqa: E402,F401,F403

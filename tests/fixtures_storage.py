@@ -3,8 +3,8 @@ their MinIO / Ceph endpoint (``AWS_ENDPOINT_URL`` + credentials in the environme
 
 The server starts only when a test asks for the ``s3`` fixture. Ray workers inherit the environment of the process
 that starts the local Ray instance, so the endpoint must be in ``os.environ`` before ``ray.init``: when the collected
-tests use ``s3``, :func:`pytest_collection_modifyitems` reserves the port and sets the environment right after
-collection, before any test (and so any Ray) has started.
+tests use ``s3``, :func:`reserve_s3_endpoint` (called by conftest's collection hook) reserves the port and sets the
+environment right after collection, before any test (and so any Ray) has started.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _reserve_port() -> int:
         return s.getsockname()[1]
 
 
-def pytest_collection_modifyitems(session, config, items) -> None:
+def reserve_s3_endpoint(items) -> None:
     if any("s3" in getattr(item, "fixturenames", ()) for item in items) and "RAYHASH_TEST_S3_PORT" not in os.environ:
         port = _reserve_port()
         os.environ.update({"RAYHASH_TEST_S3_PORT": str(port), "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
@@ -70,7 +70,7 @@ def s3(tmp_path_factory) -> S3Endpoint:
     points boto3, pyarrow and Ray workers at it."""
     port = os.environ.get("RAYHASH_TEST_S3_PORT")
     if not port:
-        pytest.fail("the s3 fixture's environment was not set at collection (pytest_collection_modifyitems)")
+        pytest.fail("the s3 fixture's environment was not set at collection (reserve_s3_endpoint)")
     url = os.environ["AWS_ENDPOINT_URL"]
     log = tmp_path_factory.mktemp("moto") / "server.log"
     with open(log, "wb") as f:

@@ -43,6 +43,7 @@ def s3_pipeline(s3, ray_local):
     return out, ckpts, metrics, again, before, after
 
 
+@pytest.mark.slow
 def test_pipeline_runs_on_s3(s3, s3_pipeline):
     out, ckpts, metrics, _, before, _ = s3_pipeline
     on_s3 = storage.read_json(f"{out}/eval/metrics.json")
