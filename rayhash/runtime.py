@@ -119,11 +119,21 @@ def quiet_worker_logs() -> None:
 
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     for name in _LOCAL_ONLY_NOISE:
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.ERROR)
+        # and a filter: Ray Train's controller later runs logging.config.dictConfig for "ray.train", which resets
+        # the level of every existing logger below it to NOTSET but leaves their filters
+        logger.addFilter(_ERRORS_ONLY)
     warnings.filterwarnings("ignore", message=r".*exclude_resources.* is deprecated")
     quiet_ray_data()
 
 
+class _ErrorsOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+_ERRORS_ONLY = _ErrorsOnly()
 # Ray Train loggers that only complain about a local instance having no dashboard and no autoscaler
 _LOCAL_ONLY_NOISE = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
                      "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client")

@@ -63,7 +63,7 @@ def test_cli_reports_user_errors_in_one_line(tmp_path):
 CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"  # Ray's own module names
 AUTOSCALE_LOGGER = "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
 QUIET_SCRIPT = f"""
-import json, logging, os
+import json, logging, logging.config, os
 import ray
 from rayhash.runtime import init_ray
 init_ray(num_cpus=1)
@@ -73,11 +73,23 @@ def speak():
     cleaner.warning("CLEANER-WARNING")
     autoscale.warning("AUTOSCALE-WARNING")
     data = logging.getLogger("ray.data")
-    return [cleaner.isEnabledFor(logging.WARNING), cleaner.isEnabledFor(logging.ERROR),
-            autoscale.isEnabledFor(logging.WARNING), autoscale.isEnabledFor(logging.ERROR),
-            logging.getLogger("ray.train.v2.other").isEnabledFor(logging.WARNING),
-            data.isEnabledFor(logging.INFO), data.isEnabledFor(logging.WARNING),
-            os.environ.get("RAY_ADDRESS") == ray.get_runtime_context().gcs_address]
+    levels = [cleaner.isEnabledFor(logging.WARNING), cleaner.isEnabledFor(logging.ERROR),
+              autoscale.isEnabledFor(logging.WARNING), autoscale.isEnabledFor(logging.ERROR),
+              logging.getLogger("ray.train.v2.other").isEnabledFor(logging.WARNING),
+              data.isEnabledFor(logging.INFO), data.isEnabledFor(logging.WARNING),
+              os.environ.get("RAY_ADDRESS") == ray.get_runtime_context().gcs_address]
+    # what Ray Train's controller does when it starts (LoggingManager.configure_controller_logger): dictConfig of
+    # "ray.train", which resets the levels of the loggers below it; records that still pass are caught here
+    logging.config.dictConfig({{"version": 1, "disable_existing_loggers": False,
+                               "loggers": {{"ray.train": {{"level": "DEBUG", "propagate": False}}}}}})
+    passed = []
+    catch = logging.Handler()
+    catch.emit = lambda record: passed.append(record.levelname)
+    for lg in (cleaner, autoscale):
+        lg.addHandler(catch)
+        lg.warning("after dictConfig")
+        lg.error("after dictConfig")
+    return [passed, *levels]
 print("LEVELS", json.dumps(ray.get(speak.remote())))
 ray.shutdown()
 """
@@ -97,8 +109,9 @@ def test_local_ray_instance_drops_only_the_per_second_dashboard_warning(tmp_path
     proc = subprocess.run([sys.executable, "-c", QUIET_SCRIPT], capture_output=True, text=True, env=env,
                           timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (warning_on, error_on, as_warning_on, as_error_on, other_warning_on, data_info_on, data_warning_on,
+    (passed, warning_on, error_on, as_warning_on, as_error_on, other_warning_on, data_info_on, data_warning_on,
      own_address) = json.loads(proc.stdout.split("LEVELS", 1)[1])
+    assert passed == ["ERROR", "ERROR"]  # warnings stay out even after Ray Train reconfigures its loggers
     assert not warning_on and error_on and not as_warning_on and as_error_on and other_warning_on
     assert not data_info_on and data_warning_on  # Ray Data's per-dataset INFO lines off in workers, warnings on
     assert own_address  # Ray's state-API calls in workers ask this instance, never search for "the" local one
