@@ -240,7 +240,7 @@ def export_final(checkpoint, out: str) -> str:
     return str(final)
 
 
-def epoch_line(metrics: dict, epochs: int) -> str:
+def _epoch_line(metrics: dict, epochs: int) -> str:
     """The one line a run prints per epoch: ``epoch 3 (4 of 20): lr=... loss=...`` (0-based, as in metrics.jsonl)."""
     values = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
     return f"epoch {metrics['epoch']} ({metrics['epoch'] + 1} of {epochs}): {values}"
@@ -280,7 +280,7 @@ class _EpochLines:
         for h in history:
             if h["epoch"] not in self._shown:
                 self._shown.add(h["epoch"])
-                log.info("%s", epoch_line(h, self._epochs))
+                log.info("%s", _epoch_line(h, self._epochs))
 
 
 def _read_history(path: str) -> list[dict]:
