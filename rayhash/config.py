@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 BETA_SCHEDULES = ("constant", "ramp")  # rayhash.losses.hashing.beta_at
 KL_DISTANCES = ("l2", "l1")  # rayhash.losses.kl.DISTANCES
-KL_ESTIMATORS = ("sampled", "blockwise", "corners")  # rayhash.losses.kl.ESTIMATORS (checked there at import)
+KL_ESTIMATORS = ("sampled", "blockwise", "corners", "boxes")  # rayhash.losses.kl.ESTIMATORS (checked there at import)
 KL_TC = ("rho", "none", "gaussian")  # blockwise: how the total correlation between blocks enters (README)
 
 

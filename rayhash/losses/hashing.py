@@ -31,8 +31,9 @@ class HashingLoss(nn.Module):
 
     Scales: CE in nats; L_sim is O(1) (squared relative error); L_KL is divided by the code length d so that it is a
     per-bit KL (nats/bit) and ``beta`` does not need retuning across code lengths.
-    KL estimator: ``kl_estimator`` (``sampled`` | ``blockwise`` | ``corners``, :mod:`rayhash.losses.kl`) with
-    ``kl_samples`` x n target samples, its ``k`` (and ``kl_nu_k``, the target neighbour's rank), the
+    KL estimator: ``kl_estimator`` (``sampled`` | ``blockwise`` | ``corners`` | ``boxes``,
+    :mod:`rayhash.losses.kl`) with ``kl_samples`` x n target samples, its ``k`` (and ``kl_nu_k``, the target
+    neighbour's rank), the
     ``kl_distance`` (l2 | l1), ``kl_block`` bits per block and ``kl_tc`` (blockwise), and an optional queue of
     the last ``kl_queue`` detached outputs that enlarges the output sample (a FIFO kept on the module); every
     estimator uses the queue in its entropy term.

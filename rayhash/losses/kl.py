@@ -24,6 +24,9 @@ They differ in how ``H(P, Q)`` is estimated (README "Method definitions" derives
 ``corners``   the large-m limit for u = 0: the target sample is every corner once (m = 2^d), and nu is computed
               exactly: the l-th nearest corner flips the smallest |z_i| (an l-th smallest subset sum), so no
               sample is drawn. ``l = 1`` (default) is the own corner ``sign(z)``.
+``boxes``     the same limit for u > 0: nu is the distance to the own box of the target (|y_i| in [1-2u, 1] on
+              the side of sign(z)), floored at the in-box neighbour distance, so the pull stops once an output
+              lies in its box instead of growing without bound as it nears the corner (README derives it).
 """
 from __future__ import annotations
 
@@ -164,27 +167,40 @@ def gaussian_total_correlation(x: torch.Tensor, block: int, ridge: float = 1e-3)
 
 
 def corner_kl_divergence(x: torch.Tensor, k: int = 3, l: int = 1, p: float = 2.0, eps: float = 1e-6,
-                         extra: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`knn_kl_divergence` against *every* corner of {-1,1}^d once (m = 2^d), computed without the corners.
+                         extra: torch.Tensor | None = None, uniformity: float = 0.0) -> torch.Tensor:
+    """:func:`knn_kl_divergence` against *every* corner of {-1,1}^d once (m = 2^d), computed without the corners;
+    with ``uniformity`` u > 0, the same limit for the target's boxes (the ``boxes`` estimator).
 
     The distance^p from z to the corner that agrees with sign(z) except on a set F of bits is
     ``sum_i (1-|z_i|)^p + sum_{i in F} g_i`` with ``g_i = (1+|z_i|)^p - (1-|z_i|)^p``, increasing in |z_i|; so the
     l-th nearest corner is the l-th smallest subset sum of the g_i, which lies among the subsets of the l-1
     smallest g_i (2^(l-1) sums). ``l = 1``: the own corner sign(z). This is the sampled estimator's large-m limit
     for a target of pure corners (u = 0): each corner is one sample. O(n (n' + l) d) time; exact for any d.
+
+    u > 0: Q has mass only in the boxes ``s * y_i in [c, 1]`` (c = 1 - 2u) around the corners, with density
+    (4u)^-d. The distance to the l-th nearest box is the same subset sum with ``max(0, c - |z_i|)`` for the own
+    side and ``|z_i| + c`` for the other; it is floored (in the p-norm sense) at ``nu_in = 2u (e^psi(l) / V_d)^(1/d)``,
+    the l-th neighbour distance of m = 2^d samples inside a box, so that for P inside the boxes the estimate is
+    ``d log(4u) - H_hat(P)``: consistent, with no pull on a coordinate once it lies in its box.
     """
     n, d = x.shape
     if l < 1:
         raise ValueError(f"l={l} must be >= 1")
+    if not 0.0 <= uniformity < 0.5:
+        raise ValueError(f"uniformity={uniformity} must be in [0, 0.5) for the boxes around the corners to be apart")
     pool = _pool(x, extra)
     log_rho = _log_rho(x, pool, k, p, eps)
     a = x.abs()
-    base = ((1 - a) ** p).sum(dim=1)
+    c = 1.0 - 2.0 * uniformity
+    own = (c - a).clamp_min(0.0) if uniformity else 1 - a
+    base = (own ** p).sum(dim=1)
     if l > 1:
-        g = ((1 + a) ** p - (1 - a) ** p).topk(min(l - 1, d), dim=1, largest=False).values  # (n, l-1)
+        g = ((c + a) ** p - own ** p).topk(min(l - 1, d), dim=1, largest=False).values  # (n, l-1)
         subsets = torch.tensor(list(itertools.product((0.0, 1.0), repeat=g.shape[1])), dtype=x.dtype,
                                device=x.device)  # (2^(l-1), l-1)
         base = base + (g @ subsets.T).sort(dim=1).values[:, l - 1]
+    if uniformity:
+        base = base + math.exp(p * (math.log(2.0 * uniformity) + (_digamma(l) - _log_ball_volume(d, p)) / d))
     log_nu = torch.log(base.clamp_min(eps ** p)) / p
     return d * (log_nu - log_rho).mean() + d * math.log(2.0) - math.log(pool.shape[0] - 1) + _digamma(k) - _digamma(l)
 
@@ -215,6 +231,10 @@ def _corners(z, extra, m, generator, s) -> torch.Tensor:
     return corner_kl_divergence(z, k=s["k"], l=s["l"] or 1, p=s["p"], extra=extra)
 
 
+def _boxes(z, extra, m, generator, s) -> torch.Tensor:
+    return corner_kl_divergence(z, k=s["k"], l=s["l"] or 1, p=s["p"], extra=extra, uniformity=s["uniformity"])
+
+
 ESTIMATORS: dict[str, Callable[..., torch.Tensor]] = {"sampled": _sampled, "blockwise": _blockwise,
-                                                      "corners": _corners}
+                                                      "corners": _corners, "boxes": _boxes}
 assert tuple(ESTIMATORS) == KL_ESTIMATORS, "rayhash.config.KL_ESTIMATORS lists the estimators of this module"
