@@ -67,6 +67,26 @@ def test_skip_counter_is_per_job_and_survives_another_job_ending(tmp_path, ray_l
     assert any(e["key"] == "junk" and e["reason"] == "undecodable image" for e in after["examples"])
 
 
+def test_skip_counter_outlives_the_dataset_that_made_it(tmp_path, ray_local):
+    """The job's counter stays while the job runs, after every dataset holding it is gone: Ray destroys a
+    non-detached actor once its last handle drops, and the next pipeline that found it by name then died on its
+    first skipped sample with ``ActorDiedError`` (a CI failure under load). Its count is kept too."""
+    import gc
+    import time
+
+    shard = _tar(tmp_path / "s" / "s-000000.tar", [_good("ok0"), {"__key__": "junk", "png": b"nope", "cls": b"0"}])
+    before = skip_counts()["skipped"]
+    ds = read_shards(shard, mode="raw")
+    assert [r["key"] for r in ds.take_all()] == ["ok0"]
+    del ds
+    gc.collect()
+    for _ in range(20):  # Ray takes an actor down asynchronously after its last handle goes: give it the time
+        assert skip_counts()["skipped"] == before + 1
+        time.sleep(0.5)
+    assert [r["key"] for r in read_shards(shard, mode="raw").take_all()] == ["ok0"]  # a new pipeline counts on
+    assert skip_counts()["skipped"] == before + 2
+
+
 def test_label_out_of_range_or_not_a_number_is_skipped_and_counted(tmp_path, ray_local):
     """A ``cls`` past the classifier (or below -1, or not an integer) never reaches the loss (an IndexError on
     CPU, a device assert on GPU): the sample is skipped and counted by reason, the rest of the shard goes on."""

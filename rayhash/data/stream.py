@@ -52,19 +52,32 @@ class SkipCounter:
         self.__init__(self.max_examples)
 
 
+_SKIP_ACTORS: dict[tuple[str, str], Any] = {}  # (job id, driver node id) -> the counter's handle
+
+
 def _skip_actor(create: bool):
     """This job's skip counter (created on first use when ``create``): one per Ray job, never shared between
-    jobs, so no job depends on an actor that another job owns and takes down when it ends."""
+    jobs, so no job depends on an actor that another job owns and takes down when it ends.
+
+    The handle is kept for the life of the process: Ray destroys a non-detached actor, named or not, once every
+    handle to it is gone, so a counter whose dataset had been dropped died under the next pipeline that looked
+    it up by name (``ActorDiedError`` in the skip path, seen under load)."""
     import ray
 
-    name = f"{SKIP_ACTOR}-{ray.get_runtime_context().get_job_id()}"
+    context = ray.get_runtime_context()
+    job = (context.get_job_id(), context.get_node_id())
+    if job in _SKIP_ACTORS:
+        return _SKIP_ACTORS[job]
+    name = f"{SKIP_ACTOR}-{job[0]}"
     try:
-        return ray.get_actor(name, namespace=SKIP_NAMESPACE)
+        actor = ray.get_actor(name, namespace=SKIP_NAMESPACE)
     except ValueError:
         if not create:
             return None
-    return ray.remote(num_cpus=0)(SkipCounter).options(
-        name=name, namespace=SKIP_NAMESPACE, get_if_exists=True).remote()
+        actor = ray.remote(num_cpus=0)(SkipCounter).options(
+            name=name, namespace=SKIP_NAMESPACE, get_if_exists=True).remote()
+    _SKIP_ACTORS[job] = actor
+    return actor
 
 
 def skip_counts(reset: bool = False) -> dict:
