@@ -58,7 +58,7 @@ def _run(args, ds: str, variant: str, seed: int, work: str) -> dict:
     last = train(cfg, tempfile.mkdtemp(dir=work, prefix=f"{variant}-{seed}-")).metrics[-1]
     metrics = {key.removeprefix("val_"): v for key, v in last.items() if key.startswith("val_")}
     return {"variant": variant, "name": name, "seed": seed, "set": args.set, "config": _config_name(args.config),
-            "seconds": time.perf_counter() - t0, "epochs": cfg.train.epochs, **metrics}
+            "seconds": time.perf_counter() - t0, "epochs": cfg.train.epochs, "bits": cfg.model.bits, **metrics}
 
 
 def _config_name(path: str) -> str:
@@ -107,6 +107,7 @@ def main() -> None:
 
     from rayhash.data import convert_cifar100, load_dataset_info
     from rayhash.data.stream import read_shards
+    from rayhash.config import load_config
     from rayhash.metrics import flat_classifier_mahp, random_codes_mahp
 
     work = args.work or tempfile.mkdtemp(prefix="bench-quality-")
@@ -134,8 +135,9 @@ def main() -> None:
         ["label"]).iter_batches(batch_size=4096, batch_format="numpy")])
     S = info.similarity_matrix()
     seeds = [int(s) for s in args.seeds.split(",")]
+    bits = load_config(args.config, list(args.set)).model.bits  # the code length these rows were trained at
     refs = {"perfect flat classifier": [flat_classifier_mahp(labels, S, 250, s) for s in seeds],
-            "random codes": [random_codes_mahp(labels, S, rows[0].get("bits", 64) if rows else 64, 250, s)
+            "random codes": [random_codes_mahp(labels, S, bits, 250, s)
                              for s in seeds]}
     print(f"\nCIFAR-100 ({info.count('train')} train / {len(labels)} test images), reference protocol "
           f"(queries = database = test split), config {os.path.relpath(args.config)} {' '.join(args.set)}; "

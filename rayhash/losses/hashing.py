@@ -30,7 +30,8 @@ class HashingLoss(nn.Module):
     """CE on labelled samples + ``alpha`` * relative similarity loss + ``beta`` * k-NN KL to the binary target / d.
 
     Scales: CE in nats; L_sim is O(1) (squared relative error); L_KL is divided by the code length d so that it is a
-    per-bit KL (nats/bit) and ``beta`` does not need retuning across code lengths.
+    per-bit KL (nats/bit). That does not make ``beta`` length-free: the corners estimator's pull on one coordinate
+    grows as 1/(d * (1 - |z_i|)), and at 16 bits beta = 0.3 saturated the outputs and collapsed the codes (README).
     KL estimator: ``kl_estimator`` (``sampled`` | ``blockwise`` | ``corners`` | ``boxes``,
     :mod:`rayhash.losses.kl`) with ``kl_samples`` x n target samples, its ``k`` (and ``kl_nu_k``, the target
     neighbour's rank), the
