@@ -27,7 +27,7 @@ import time
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAYHASH_PROGRESS", "0")
 
-from rayhash.config import KL_ESTIMATORS  # noqa: E402
+from rayhash.config import KL_ESTIMATORS, load_config  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = {"a": ("CE", ["loss.alpha=0", "loss.beta=0"]),
@@ -47,7 +47,6 @@ def _mean_sd(values) -> str:
 
 
 def _run(args, ds: str, variant: str, seed: int, work: str) -> dict:
-    from rayhash.config import load_config
     from rayhash.train import train
 
     name, overrides = VARIANTS[variant]
@@ -107,7 +106,6 @@ def main() -> None:
 
     from rayhash.data import convert_cifar100, load_dataset_info
     from rayhash.data.stream import read_shards
-    from rayhash.config import load_config
     from rayhash.metrics import flat_classifier_mahp, random_codes_mahp
 
     work = args.work or tempfile.mkdtemp(prefix="bench-quality-")
@@ -137,8 +135,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     bits = load_config(args.config, list(args.set)).model.bits  # the code length these rows were trained at
     refs = {"perfect flat classifier": [flat_classifier_mahp(labels, S, 250, s) for s in seeds],
-            "random codes": [random_codes_mahp(labels, S, bits, 250, s)
-                             for s in seeds]}
+            "random codes": [random_codes_mahp(labels, S, bits, 250, s) for s in seeds]}
     print(f"\nCIFAR-100 ({info.count('train')} train / {len(labels)} test images), reference protocol "
           f"(queries = database = test split), config {os.path.relpath(args.config)} {' '.join(args.set)}; "
           f"mean ± sd over seeds {args.seeds}; this invocation took {time.perf_counter() - t_start:.0f} s\n")
