@@ -78,15 +78,52 @@ def _start_private_instance(log: logging.Logger, **kwargs) -> None:
     # none to drain, and creating it (it takes actor handles as constructor arguments) makes Ray's C++ core worker
     # print a "constructor arguments in the object store" error line (ray-project/ray#53727) on every train run.
     os.environ.setdefault(settings.PREEMPTION_WATCHER.name, "0")
-    # Short and private: Ray's Unix sockets live under it (paths are limited to ~107 bytes), and no other process
-    # finds this instance through it (Ray's auto-detection reads /tmp/ray).
-    temp = tempfile.mkdtemp(prefix="rayhash-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
-    atexit.register(_remove_private_instance, temp)
     kwargs.setdefault("include_dashboard", False)
     runtime_env = dict(kwargs.pop("runtime_env", None) or {})
     runtime_env.setdefault("worker_process_setup_hook", "rayhash.runtime.quiet_worker_logs")
     log.info("starting a private local Ray instance (pass --address or set RAYHASH_ADDRESS to use a cluster)")
-    ray.init(address="local", _temp_dir=temp, runtime_env=runtime_env, **kwargs)
+    for attempt in (1, 2):
+        # Short and private: Ray's Unix sockets live under it (paths are limited to ~107 bytes), and no other process
+        # finds this instance through it (Ray's auto-detection reads /tmp/ray).
+        temp = tempfile.mkdtemp(prefix="rayhash-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
+        atexit.register(_remove_private_instance, temp)
+        try:
+            ray.init(address="local", _temp_dir=temp, runtime_env=runtime_env, **kwargs)
+            return
+        except Exception as e:
+            # Ray gives a new node 30 s to register with its GCS (hard-coded in ray/_private/node.py); a loaded
+            # machine can miss that. Its processes are still starting: stop them, then start once more.
+            if attempt == 2 or _NODE_START_TIMEOUT not in str(e):
+                raise
+            log.warning("the local Ray instance did not register within Ray's 30 s limit (a loaded machine?); "
+                        "starting it once more")
+            ray.shutdown()
+            _stop_processes_under(temp)
+
+
+_NODE_START_TIMEOUT = "timed out during startup"  # Ray's message when its node misses the registration limit
+
+
+def _stop_processes_under(folder: str) -> list[int]:
+    """SIGKILL this user's processes whose command line names ``folder`` (the Ray processes a private instance
+    started under its temporary folder: GCS, raylet, log monitor, workers); returns their pids. Linux (``/proc``)
+    only; elsewhere it finds none."""
+    import signal
+
+    killed = []
+    for pid in (int(p) for p in (os.listdir("/proc") if os.path.isdir("/proc") else []) if p.isdigit()):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone, or not ours to read
+            continue
+        if pid != os.getpid() and folder in cmdline:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except OSError:
+                pass
+    return killed
 
 
 def _remove_private_instance(temp: str) -> None:

@@ -129,3 +129,34 @@ def test_ray_address_rules(monkeypatch):
     assert ray_address() == "10.0.0.2:6379"
     with pytest.raises(ValueError, match="rayhash submit"):
         ray_address("http://127.0.0.1:8265")
+
+
+def test_a_failed_start_is_cleaned_up_by_its_folder(tmp_path):
+    """What a second start (after Ray's 30 s registration limit ran out) first does: every process that a private
+    instance started under its folder is stopped, found by that folder — checked with pgrep on a real instance."""
+    from rayhash.runtime import _stop_processes_under
+
+    code = ("from rayhash.runtime import init_ray; init_ray('local', num_cpus=1, log_to_driver=False); "
+            "import ray, sys; print('TEMP', ray._private.worker._global_node.get_temp_dir_path(), flush=True); "
+            "sys.stdin.read()")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAYHASH_ADDRESS")}
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True, env=env, cwd=tmp_path)
+    try:
+        line = child.stdout.readline()
+        assert line.startswith("TEMP "), line
+        folder = line.split()[1]
+        pgrep = lambda: {int(p) for p in subprocess.run(["pgrep", "-f", folder], capture_output=True,  # noqa: E731
+                                                         text=True).stdout.split()}
+        started = pgrep()
+        assert len(started) >= 2, started  # at least the GCS and the raylet
+        assert child.pid not in started  # the driver's own command line does not name the folder
+        assert set(_stop_processes_under(folder)) >= started
+        deadline = time.time() + 60
+        while pgrep() and time.time() < deadline:
+            time.sleep(0.2)
+        assert not pgrep()
+        assert child.poll() is None  # the driver itself is left alone
+    finally:
+        child.kill()
+        child.wait()
