@@ -13,7 +13,7 @@ def build_backbone(name: str, *, pretrained: str | None = None, width: int = 32)
     return BACKBONES[name].target(pretrained=pretrained, width=width)
 
 
-@BACKBONES.register("tiny_cnn", help="three conv blocks (width..4·width channels): demos and tests on CPU")
+@BACKBONES.register("tiny_cnn", help="three conv blocks (width..4·width channels): tests and the quickest CPU runs")
 def _tiny_cnn(*, width: int, **_):
     from torch import nn
 
@@ -26,7 +26,8 @@ def _tiny_cnn(*, width: int, **_):
     return nn.Sequential(*layers), 4 * w
 
 
-@BACKBONES.register("resnet9", help="DAWNBench CIFAR ResNet-9 (width..8·width channels): the CPU recipe")
+@BACKBONES.register("resnet9", help="DAWNBench CIFAR ResNet-9 (width..8·width channels): the CPU recipe at width "
+                                    "32, the demo at 16")
 def _resnet9(*, width: int, **_):
     """The fast CIFAR ResNet-9 of the DAWNBench entries (prep, 3 stages with 2 residual blocks, global max-pool),
     channels ``width``..``8·width``: at width 32 it trains at ~600 img/s on 2 CPU cores (bf16), ~40 % of the cost of
