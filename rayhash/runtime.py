@@ -110,14 +110,14 @@ def _stop_processes_under(folder: str) -> list[int]:
     only; elsewhere it finds none."""
     import signal
 
-    killed = []
+    killed, inside = [], os.path.join(folder, "")  # paths below it, never a longer sibling's
     for pid in (int(p) for p in (os.listdir("/proc") if os.path.isdir("/proc") else []) if p.isdigit()):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:  # gone, or not ours to read
             continue
-        if pid != os.getpid() and folder in cmdline:
+        if pid != os.getpid() and inside in cmdline:
             try:
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
