@@ -44,9 +44,12 @@ def ray_local():
     Ray Train workers and Ray Data tasks can run side by side)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
-                 object_store_memory=1 << 30, runtime_env={"env_vars": {"RAYHASH_PROGRESS": "0"}})
+    from rayhash.runtime import init_ray
+
+    # The product's own start path: a private instance in its own folder, started once more when a loaded machine
+    # misses Ray's 30 s node-registration limit.
+    init_ray("local", num_cpus=8, include_dashboard=False, log_to_driver=False, object_store_memory=1 << 30,
+             runtime_env={"env_vars": {"RAYHASH_PROGRESS": "0"}})
     yield ray
 
 
